@@ -1,0 +1,123 @@
+"""Traffic: requests with their histories, batched as padded tensors for the stages.
+
+`Traffic` keeps one int array per request column and builds each batch's histories on demand
+with one vectorised gather over the dataset's (user, pos)-sorted events, so a stream of millions
+of requests never materialises (requests x history) arrays and no Python runs per event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from cascade.data.dataset import Dataset, DataError
+from cascade.data.derive import action_codes, gap_buckets
+
+
+@dataclass(frozen=True)
+class RequestBatch:
+    """B requests. History is oldest -> newest, left-aligned, right-padded with 0; the first
+    `hist_len[b]` positions of row b are real events (the most recent `max_len` of them)."""
+
+    request_id: Tensor  # (B,) int64
+    user: Tensor  # (B,) int64
+    ts: Tensor  # (B,) int64
+    hist_items: Tensor  # (B, N) int64, 0 at padding (item 0 is real: always mask with hist_len)
+    hist_actions: Tensor  # (B, N) int64: 0 pad, 1 negative, 2 neutral, 3 positive
+    hist_gaps: Tensor  # (B, N) int64: 0 pad, 1..31 log2 bucket of (request ts - event ts)
+    hist_len: Tensor  # (B,) int64 in [0, N]
+    user_feats: Tensor  # (B, F_u) int64 user categorical codes (dataset.users order)
+    targets: Tensor  # (B, T) int64 ground-truth items, padded with -1
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    @property
+    def hist_mask(self) -> Tensor:  # (B, N) bool, True at real events
+        n = self.hist_items.shape[1]
+        return torch.arange(n, device=self.hist_len.device)[None, :] < self.hist_len[:, None]
+
+    def to(self, device: torch.device | str) -> "RequestBatch":
+        return RequestBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, idx: Tensor) -> "RequestBatch":
+        """Rows `idx` of the batch (used to split work or drop requests)."""
+        return RequestBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+class Traffic:
+    """A stream of requests over a Dataset (see `cascade.data.splits` for request tables)."""
+
+    def __init__(self, dataset: Dataset, requests: pl.DataFrame, *, max_len: int = 50) -> None:
+        if max_len < 1:
+            raise ValueError(f"Traffic.max_len must be >= 1, got {max_len}")
+        missing = [c for c in ("request_id", "user", "ts", "pos", "item") if c not in requests.columns]
+        if missing:
+            raise DataError(f"request table lacks columns {missing}")
+        self.dataset = dataset
+        self.max_len = max_len
+        self.request_id = requests["request_id"].to_numpy().astype(np.int64)
+        self.user = requests["user"].to_numpy().astype(np.int64)
+        self.ts = requests["ts"].to_numpy().astype(np.int64)
+        self.pos = requests["pos"].to_numpy().astype(np.int64)
+        if "targets" in requests.columns:  # several ground-truth items per request
+            lists = requests["targets"].to_list()
+            t = max((len(x) for x in lists), default=1)
+            self.targets = np.full((len(lists), max(t, 1)), -1, dtype=np.int64)
+            for i, x in enumerate(lists):  # only request-level Python, once per table
+                self.targets[i, : len(x)] = x
+        else:
+            self.targets = requests["item"].to_numpy().astype(np.int64)[:, None]
+        ev = dataset.events
+        self._ev_item = ev["item"].to_numpy().astype(np.int64)
+        self._ev_ts = ev["ts"].to_numpy().astype(np.int64)
+        self._ev_action = action_codes(ev["action"].to_numpy())
+        self._offsets = dataset.user_offsets()
+        self._user_feats = dataset.users.categorical_matrix()
+        n_user_events = self._offsets[self.user + 1] - self._offsets[self.user]
+        if len(self.user) and (self.pos > n_user_events).any():
+            raise DataError("request table has a pos beyond its user's events")
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def batch(self, idx: np.ndarray | slice) -> RequestBatch:
+        """The requests at `idx`, with histories gathered in one vectorised step."""
+        user, pos, ts = self.user[idx], self.pos[idx], self.ts[idx]
+        n = self.max_len
+        length = np.minimum(pos, n)  # (B,)
+        start = self._offsets[user] + pos - length  # first history row, global
+        ar = np.arange(n)[None, :]
+        mask = ar < length[:, None]  # (B, N)
+        rows = np.where(mask, start[:, None] + ar, 0)
+        items = np.where(mask, self._ev_item[rows], 0)
+        actions = np.where(mask, self._ev_action[rows], 0)
+        gaps = np.where(mask, gap_buckets(ts[:, None] - self._ev_ts[rows]), 0)
+        return RequestBatch(
+            request_id=torch.from_numpy(self.request_id[idx].copy()),
+            user=torch.from_numpy(user.copy()),
+            ts=torch.from_numpy(ts.copy()),
+            hist_items=torch.from_numpy(items),
+            hist_actions=torch.from_numpy(actions),
+            hist_gaps=torch.from_numpy(gaps),
+            hist_len=torch.from_numpy(length.astype(np.int64)),
+            user_feats=torch.from_numpy(self._user_feats[user]),
+            targets=torch.from_numpy(self.targets[idx].copy()),
+        )
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[RequestBatch]:
+        order = np.arange(len(self))
+        if shuffle:
+            np.random.default_rng(seed).shuffle(order)
+        for i in range(0, len(order), batch_size):
+            yield self.batch(order[i : i + batch_size])
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)

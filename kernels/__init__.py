@@ -1,0 +1,1 @@
+"""Kernels: Triton kernels with their plain-PyTorch twins."""

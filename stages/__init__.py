@@ -1,0 +1,1 @@
+"""Funnel stages: retrieval, early-stage rankers (two-tower, GESR), late-stage ranker."""

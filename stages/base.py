@@ -1,0 +1,174 @@
+"""The stage interface every funnel stage implements, and the registry that finds stages by name.
+
+Two kinds of stage:
+- a `Retriever` turns a batch of requests into candidate ids from the whole catalogue;
+- a `Ranker` (ESR, LSR, or a user's own) scores given candidate ids; choosing the top k is the
+  pipeline's job, never the stage's.
+Both are fitted on the training split via a `FitContext` and return `self` from `fit`.
+
+Stages are found by name in a registry filled with `@register("esr", "twotower")`, by a
+`"package.module:Class"` string, or through the `cascade.stages` entry-point group
+(`name = "package.module:Class"`). An unknown name is an error listing the known ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from cascade.data.dataset import Dataset
+from cascade.data.splits import Split
+from cascade.data.traffic import RequestBatch, Traffic
+
+StageKind = Literal["retrieval", "esr", "lsr"]
+STAGE_KINDS: tuple[str, ...] = ("retrieval", "esr", "lsr")
+
+
+class StageError(RuntimeError):
+    """A stage could not be found, loaded, or returned something the funnel cannot use."""
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """Everything a stage may learn from. Never holds test requests."""
+
+    dataset: Dataset
+    split: Split
+    train: Traffic  # one request per training event with a non-empty history
+    valid: Traffic  # validation requests (early stopping)
+    device: torch.device
+    seed: int = 0
+    cache_dir: Path | None = None  # trained checkpoints are cached here; None disables caching
+    retrain: bool = False  # ignore cached checkpoints
+    progress: bool = True  # show progress bars
+
+
+@dataclass(frozen=True)
+class Candidates:
+    ids: Tensor  # (B, K) int64 item ids, best first
+    scores: Tensor  # (B, K) float32
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    name: str
+
+    def fit(self, ctx: FitContext) -> "Retriever": ...
+
+    def retrieve(self, batch: RequestBatch, k: int) -> Candidates: ...
+
+
+@runtime_checkable
+class Ranker(Protocol):
+    name: str
+
+    def fit(self, ctx: FitContext) -> "Ranker": ...
+
+    def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
+        """candidates: (B, K) int64 item ids -> (B, K) float32 scores, higher is better."""
+        ...
+
+
+REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
+    "retrieval": ("fit", "retrieve"),
+    "esr": ("fit", "score"),
+    "lsr": ("fit", "score"),
+}
+
+_REGISTRY: dict[str, dict[str, Callable[..., object]]] = {k: {} for k in STAGE_KINDS}
+_BUILTINS_LOADED = False
+
+
+def register(kind: str, name: str) -> Callable[[type], type]:
+    """Class decorator: make a stage available as `--<kind> <name>`."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown stage kind {kind!r}; expected one of {list(STAGE_KINDS)}")
+
+    def deco(cls: type) -> type:
+        _REGISTRY[kind][name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    # importing the built-in stage modules runs their @register decorators
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    for mod in ("retrieval", "twotower", "lsr", "popular", "oracle", "gesr"):
+        try:
+            importlib.import_module(f"cascade.stages.{mod}")
+        except ModuleNotFoundError as e:  # a built-in not written yet must not hide the others
+            if e.name != f"cascade.stages.{mod}":
+                raise
+
+
+def known_stages(kind: str) -> list[str]:
+    _load_builtins()
+    names = set(_REGISTRY[kind])
+    for ep in metadata.entry_points(group="cascade.stages"):
+        names.add(ep.name)
+    return sorted(names)
+
+
+def _import_path(spec: str) -> type:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise StageError(f"stage plugin {spec!r} must look like 'package.module:Class'")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's plugin's
+        raise StageError(f"stage plugin {spec!r}: cannot import module {mod_name!r}: {e}") from e
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise StageError(f"stage plugin {spec!r}: module {mod_name!r} has no {attr!r}") from None
+
+
+def resolve_stage_class(kind: str, spec: str) -> type:
+    """The class for `spec` (a registered name, an entry-point name or 'module:Class'),
+    checked to have the methods a `kind` stage needs."""
+    if kind not in _REGISTRY:
+        raise StageError(f"unknown stage kind {kind!r}; expected one of {list(STAGE_KINDS)}")
+    _load_builtins()
+    if ":" in spec:
+        cls = _import_path(spec)
+    elif spec in _REGISTRY[kind]:
+        cls = _REGISTRY[kind][spec]
+    else:
+        eps = {ep.name: ep for ep in metadata.entry_points(group="cascade.stages")}
+        if spec not in eps:
+            raise StageError(
+                f"unknown {kind} stage {spec!r}; known: {', '.join(known_stages(kind))} "
+                f"(or give 'package.module:Class')"
+            )
+        cls = eps[spec].load()
+    missing = [m for m in REQUIRED_METHODS[kind] if not callable(getattr(cls, m, None))]
+    if missing:
+        raise StageError(
+            f"{kind} stage {spec!r} ({getattr(cls, '__name__', cls)}) does not implement the "
+            f"stage interface: missing method(s) {', '.join(missing)}"
+        )
+    return cls
+
+
+def check_scores(stage_name: str, scores: object, shape: tuple[int, int]) -> Tensor:
+    """Validate a ranker's output at the funnel boundary."""
+    if not isinstance(scores, Tensor):
+        raise StageError(f"stage {stage_name!r} returned {type(scores).__name__}, expected a Tensor")
+    if tuple(scores.shape) != shape:
+        raise StageError(
+            f"stage {stage_name!r} returned scores of shape {tuple(scores.shape)}, expected {shape}"
+        )
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).sum())
+        raise StageError(f"stage {stage_name!r} returned {bad} NaN/inf scores")
+    return scores.float()

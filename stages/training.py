@@ -1,0 +1,251 @@
+"""The one training loop every learned stage uses, and the checkpoint cache around it.
+
+Model code (the stages) stays separate from this loop, which owns the device, the seed, the
+progress bar, early stopping on the validation split and the checkpoints. A stage supplies:
+- `loss_fn(batch, generator) -> scalar Tensor` for one training batch (already on the device);
+- `valid_fn() -> float`, higher is better (e.g. `sampled_mrr` or full-catalogue recall).
+
+Checkpoints are cached by (stage name, stage config, dataset fingerprint, split, seed, history
+length): a state dict saved with `torch.save` plus a JSON of the config and training report,
+loaded with `weights_only=True`, both written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cascade.data.traffic import RequestBatch, Traffic
+from cascade.stages.base import FitContext
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    patience: int = 2  # epochs without validation improvement before stopping
+    max_steps_per_epoch: int | None = None  # cap for large logs
+    grad_clip: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(
+                f"TrainConfig.max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}"
+            )
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def cache_key(stage: str, config: Any, ctx: FitContext) -> str:
+    payload = json.dumps(
+        {
+            "stage": stage,
+            "config": _jsonable(config),
+            "dataset": ctx.dataset.fingerprint(),
+            "split": ctx.split.key(),
+            "seed": ctx.seed,
+            "max_len": ctx.train.max_len,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def cached_fit(
+    model: nn.Module,
+    *,
+    stage: str,
+    config: Any,
+    ctx: FitContext,
+    train: Callable[[], dict],
+) -> dict:
+    """Load `model`'s weights from the cache, or run `train()` (which fits `model` in place and
+    returns a JSON-able report) and cache them. Returns the report, with "cached" set."""
+    path = None
+    if ctx.cache_dir is not None:
+        path = Path(ctx.cache_dir) / f"{stage}-{cache_key(stage, config, ctx)}"
+        if not ctx.retrain and (path / "model.pt").exists() and (path / "meta.json").exists():
+            state = torch.load(path / "model.pt", map_location=ctx.device, weights_only=True)
+            model.load_state_dict(state)
+            meta = json.loads((path / "meta.json").read_text())
+            return {**meta["report"], "cached": True, "checkpoint": str(path)}
+    report = train()
+    if path is not None:
+        atomic_torch_save(model.state_dict(), path / "model.pt")
+        meta = {"stage": stage, "config": _jsonable(config), "report": report}
+        atomic_write_bytes(path / "meta.json", json.dumps(meta, indent=2).encode())
+        report = {**report, "checkpoint": str(path)}
+    return {**report, "cached": False}
+
+
+def fit_model(
+    model: nn.Module,
+    loss_fn: Callable[[RequestBatch, torch.Generator], Tensor],
+    valid_fn: Callable[[], float],
+    ctx: FitContext,
+    cfg: TrainConfig,
+    *,
+    desc: str,
+    train: Traffic | None = None,
+) -> dict:
+    """Train `model` in place with AdamW and early stopping; restore the best epoch's weights.
+    Returns a report: epochs run, best epoch, best validation metric, seconds, final loss."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    traffic = ctx.train if train is None else train
+    gen = seed_everything(ctx.seed)
+    model.to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = traffic.n_batches(cfg.batch_size)
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    best, best_epoch, best_state, bad = -math.inf, -1, None, 0
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not ctx.progress,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(desc, total=cfg.epochs * steps, info="")
+        for epoch in range(cfg.epochs):
+            model.train()
+            total, n = 0.0, 0
+            for step, batch in enumerate(
+                traffic.batches(cfg.batch_size, shuffle=True, seed=ctx.seed * 1000 + epoch)
+            ):
+                if step >= steps:
+                    break
+                loss = loss_fn(batch.to(ctx.device), gen)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"{desc}: training loss became {loss.item()} at epoch {epoch}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                total += float(loss.detach())
+                n += 1
+                bar.advance(task)
+            model.eval()
+            with torch.no_grad():
+                metric = float(valid_fn())
+            history.append({"epoch": epoch, "loss": total / max(n, 1), "valid": metric})
+            bar.update(task, info=f"loss {total / max(n, 1):.4f} valid {metric:.4f}")
+            if metric > best:
+                best, best_epoch, bad = metric, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "best_valid": best,
+        "seconds": time.perf_counter() - t0,
+        "history": history,
+    }
+
+
+def sample_negatives(
+    n_rows: int, n_neg: int, n_items: int, gen: torch.Generator, device: torch.device
+) -> Tensor:
+    """(n_rows, n_neg) int64 uniform random item ids (may hit the positive; callers that care
+    mask it)."""
+    return torch.randint(0, n_items, (n_rows, n_neg), generator=gen).to(device)
+
+
+@torch.no_grad()
+def sampled_mrr(
+    score: Callable[[RequestBatch, Tensor], Tensor],
+    valid: Traffic,
+    device: torch.device,
+    *,
+    n_negatives: int = 100,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> float:
+    """Mean reciprocal rank of each request's first target among itself plus `n_negatives`
+    uniform random items (fixed seed, so epochs are comparable). Ties count against the target."""
+    gen = torch.Generator().manual_seed(seed)
+    n_items = valid.dataset.n_items
+    rr_sum, count = 0.0, 0
+    for batch in valid.batches(batch_size):
+        batch = batch.to(device)
+        pos = batch.targets[:, :1]
+        neg = torch.randint(0, n_items, (len(batch), n_negatives), generator=gen).to(device)
+        cand = torch.cat([pos, neg], dim=1)  # (B, 1 + n_neg)
+        s = score(batch, cand).float()
+        is_pos = neg == pos
+        beats = (s[:, 1:] >= s[:, :1]) & ~is_pos
+        rank = 1 + beats.sum(1)
+        rr_sum += float((1.0 / rank.float()).sum())
+        count += len(batch)
+    return rr_sum / max(count, 1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import polars as pl
@@ -92,6 +92,7 @@ class Dataset:
     report: tuple[str, ...] = ()  # what the loader filtered or derived, one line each
     category_feature: str | None = None  # multi-valued item feature HMA matches on
     source: str = ""  # file or directory it came from, or "synthetic(...)"
+    truth: Any = None  # synthetic data only: the ground-truth affinity (cascade.data.synthetic)
 
     def __post_init__(self) -> None:
         missing = [c for c in EVENT_SCHEMA if c not in self.events.columns]

@@ -1,0 +1,345 @@
+"""Funnel metrics: pure functions on rank arrays, latency samples and polars frames.
+
+Conventions (shared with `cascade.replay` and the run records):
+- a rank is the 0-based position of a ground-truth item in a stage's output, best first;
+  -1 means the item is not in that output (it did not survive the stage);
+- `ranks` arrays are (R, T): R requests, T targets per request; `valid` (R, T) bool marks real
+  targets (requests with fewer than T targets are padded);
+- recall after a stage is, per request, the fraction of its targets in that stage's output
+  (for the usual one-target request: 1 if it survived, else 0), averaged over requests;
+- survival of a stage is the fraction of targets that survived the previous stage and survive
+  this one too (the first stage's previous "stage" is the whole catalogue);
+- HR@K, NDCG@K and MRR are computed on the final ranking (the LSR's top `final`): NDCG divides by
+  the ideal DCG of min(T, K) hits; MRR is the reciprocal rank of the best-ranked target, 0 when
+  no target made the final list (so it is MRR@final);
+- latency: per batch, the wall time of a stage on one batch; per request, that time divided by
+  the batch size (the amortised cost of one request), weighted by the batch size;
+- history length buckets count every earlier event of the user (not truncated to max_len);
+- popularity buckets: items sorted by training event count, head = the most popular items that
+  together make the first 50% of training events, torso = the next 30% (50-80%), tail = the rest
+  (80-100%, including items never seen in training).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+HISTORY_BUCKETS: tuple[tuple[str, int, float], ...] = (
+    ("0", 0, 0),
+    ("1-5", 1, 5),
+    ("6-20", 6, 20),
+    ("21-50", 21, 50),
+    ("51+", 51, math.inf),
+)
+POPULARITY_BUCKETS: tuple[tuple[str, float], ...] = (("head", 0.5), ("torso", 0.8), ("tail", 1.0))
+FUNNEL_STAGES: tuple[str, ...] = ("retrieval", "esr", "lsr")
+
+
+# ---- ranks -------------------------------------------------------------------------------------
+
+
+def target_ranks(ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(R, T) 0-based position of each target in `ids` (R, K) (best first), -1 when absent.
+    Padded targets (< 0) get -1."""
+    ids = np.asarray(ids)
+    targets = np.asarray(targets)
+    eq = ids[:, None, :] == targets[:, :, None]  # (R, T, K)
+    found = eq.any(-1) & (targets >= 0)
+    return np.where(found, eq.argmax(-1), -1).astype(np.int64)
+
+
+def ranks_from_scores(scores: np.ndarray, target_cols: np.ndarray) -> np.ndarray:
+    """(R, T) 0-based rank of each target column among all R x N `scores` (higher is better).
+    Ties count against the target: rank = #items scoring higher + #other items scoring equal.
+    Columns < 0 (padding) and targets scored -inf (excluded items) get -1."""
+    scores = np.asarray(scores, dtype=np.float64)
+    cols = np.asarray(target_cols)
+    safe = np.where(cols >= 0, cols, 0)
+    s_t = np.take_along_axis(scores, safe, axis=1)  # (R, T)
+    higher = (scores[:, None, :] > s_t[:, :, None]).sum(-1)
+    equal = (scores[:, None, :] == s_t[:, :, None]).sum(-1) - 1
+    rank = higher + equal
+    ok = (cols >= 0) & np.isfinite(s_t)
+    return np.where(ok, rank, -1).astype(np.int64)
+
+
+def _valid(ranks: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    return np.ones(np.shape(ranks), bool) if valid is None else np.asarray(valid, bool)
+
+
+def _hits(ranks: np.ndarray, valid: np.ndarray | None, k: int | None) -> np.ndarray:
+    r = np.asarray(ranks)
+    hit = r >= 0
+    if k is not None:
+        hit &= r < k
+    return hit & _valid(r, valid)
+
+
+# ---- per-request quality -------------------------------------------------------------------------
+
+
+def recall(ranks: np.ndarray, valid: np.ndarray | None = None, k: int | None = None) -> np.ndarray:
+    """(R,) fraction of each request's targets that are in the output (within the top k if given).
+    A request without targets gets NaN."""
+    v = _valid(ranks, valid)
+    n = v.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, _hits(ranks, v, k).sum(1) / np.maximum(n, 1), np.nan)
+
+
+def hit_rate(ranks: np.ndarray, valid: np.ndarray | None = None, k: int = 10) -> np.ndarray:
+    """(R,) 1.0 when any target is in the top k, else 0.0."""
+    return _hits(ranks, valid, k).any(1).astype(np.float64)
+
+
+def ndcg(ranks: np.ndarray, valid: np.ndarray | None = None, k: int = 10) -> np.ndarray:
+    """(R,) DCG of the targets in the top k over the ideal DCG of min(#targets, k) hits."""
+    r = np.asarray(ranks)
+    v = _valid(r, valid)
+    hit = _hits(r, v, k)
+    gain = np.where(hit, 1.0 / np.log2(np.maximum(r, 0) + 2.0), 0.0).sum(1)
+    n_ideal = np.minimum(v.sum(1), k)
+    ideal_table = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))])
+    ideal = ideal_table[n_ideal]
+    return np.where(ideal > 0, gain / np.where(ideal > 0, ideal, 1.0), 0.0)
+
+
+def reciprocal_rank(
+    ranks: np.ndarray, valid: np.ndarray | None = None, k: int | None = None
+) -> np.ndarray:
+    """(R,) 1 / (1 + rank of the best-ranked target in the output), 0 when none is there."""
+    r = np.asarray(ranks)
+    hit = _hits(r, valid, k)
+    best = np.where(hit, r, np.iinfo(np.int64).max).min(1)
+    return np.where(hit.any(1), 1.0 / (best.astype(np.float64) + 1.0), 0.0)
+
+
+def survival(
+    previous: np.ndarray | None, current: np.ndarray, valid: np.ndarray | None = None
+) -> float | None:
+    """Fraction of targets present after the previous stage (all targets when `previous` is None)
+    that are still present after this one. None when nothing reached this stage."""
+    v = _valid(current, valid)
+    before = v if previous is None else _hits(previous, v, None)
+    n = int(before.sum())
+    if n == 0:
+        return None
+    return float((before & _hits(current, v, None)).sum() / n)
+
+
+def overlap_at_k(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """(R,) |top-k of a ∩ top-k of b| / k for two (R, >=k) id lists, best first."""
+    a = np.asarray(a)[:, :k]
+    b = np.asarray(b)[:, :k]
+    return (a[:, :, None] == b[:, None, :]).any(-1).sum(1) / float(k)
+
+
+def mean(x: np.ndarray) -> float | None:
+    """Mean ignoring NaN; None for an empty array (JSON-friendly)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else None
+
+
+# ---- latency -------------------------------------------------------------------------------------
+
+
+def latency_percentiles(ms: Sequence[float], weights: Sequence[int] | None = None) -> dict:
+    """p50 / p95 / p99 / mean of latency samples (numpy's linear interpolation). With weights
+    (e.g. batch sizes), each sample counts that many times."""
+    x = np.asarray(ms, dtype=np.float64)
+    if weights is not None:
+        x = np.repeat(x, np.asarray(weights, dtype=np.int64))
+    if x.size == 0:
+        return {"p50": None, "p95": None, "p99": None, "mean": None}
+    p = np.percentile(x, [50, 95, 99])
+    return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2]), "mean": float(x.mean())}
+
+
+def per_request_latency(ms: Sequence[float], batch_sizes: Sequence[int]) -> dict:
+    """Percentiles of the amortised per-request latency: each request of a batch is charged the
+    batch's time divided by its size."""
+    ms = np.asarray(ms, dtype=np.float64)
+    bs = np.asarray(batch_sizes, dtype=np.int64)
+    return latency_percentiles(ms / np.maximum(bs, 1), bs)
+
+
+def throughput(n_requests: int, total_ms: float) -> float | None:
+    """Requests per second over the total funnel time."""
+    return None if total_ms <= 0 else n_requests / (total_ms / 1000.0)
+
+
+# ---- buckets -------------------------------------------------------------------------------------
+
+
+def history_bucket(hist_len: np.ndarray) -> np.ndarray:
+    """(R,) bucket label of each history length (see HISTORY_BUCKETS)."""
+    h = np.asarray(hist_len)
+    out = np.empty(h.shape, dtype=object)
+    for label, lo, hi in HISTORY_BUCKETS:
+        out[(h >= lo) & (h <= hi)] = label
+    return out.astype(str)
+
+
+def popularity_buckets(train_counts: np.ndarray) -> np.ndarray:
+    """(n_items,) head / torso / tail label per item by cumulative training popularity: items in
+    decreasing count order (ties by id) until the cumulative share of training events reaches
+    50% are head, then 80% torso, the rest (incl. never-seen items) tail. An item that crosses a
+    boundary belongs to the bucket it starts in."""
+    c = np.asarray(train_counts, dtype=np.float64)
+    order = np.lexsort((np.arange(c.size), -c))
+    total = c.sum()
+    start_share = (np.cumsum(c[order]) - c[order]) / total if total > 0 else np.ones(c.size)
+    labels_sorted = np.full(c.size, POPULARITY_BUCKETS[-1][0], dtype=object)
+    lower = 0.0
+    for label, upper in POPULARITY_BUCKETS:
+        labels_sorted[(start_share >= lower) & (start_share < upper) & (c[order] > 0)] = label
+        lower = upper
+    out = np.empty(c.size, dtype=object)
+    out[order] = labels_sorted
+    return out.astype(str)
+
+
+# ---- bootstrap -----------------------------------------------------------------------------------
+
+
+def paired_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    chunk_elems: int = 1 << 24,
+) -> dict:
+    """Mean of the paired difference a - b over requests and its percentile bootstrap
+    (1 - alpha) interval: resample requests with replacement, recompute the mean difference.
+    Vectorised in chunks of resamples so memory stays bounded on large traffic."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_bootstrap needs two equal 1-d arrays, got {a.shape} and {b.shape}")
+    ok = ~(np.isnan(a) | np.isnan(b))
+    d = (a - b)[ok]
+    n = d.size
+    if n == 0:
+        return {"delta": None, "ci95": [None, None], "n": 0}
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    step = max(1, chunk_elems // n)
+    for i in range(0, n_resamples, step):
+        m = min(step, n_resamples - i)
+        idx = rng.integers(0, n, size=(m, n))
+        means[i : i + m] = d[idx].mean(1)
+    lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"delta": float(d.mean()), "ci95": [float(lo), float(hi)], "n": int(n)}
+
+
+# ---- summaries over the per-request frame ---------------------------------------------------------
+
+RANK_COLUMNS = {s: f"rank_{s}" for s in FUNNEL_STAGES}
+RECALL_COLUMNS = {s: f"recall_{s}" for s in FUNNEL_STAGES}
+
+
+def quality_summary(frame: pl.DataFrame) -> dict:
+    """Recall after each stage and final HR@10 / NDCG@10 / MRR of one variant's request rows
+    (columns recall_<stage>, hit@10, ndcg@10, rr)."""
+    if frame.height == 0:
+        return {"n_requests": 0}
+    row = frame.select(
+        pl.len().alias("n_requests"),
+        *[pl.col(c).mean().alias(s) for s, c in RECALL_COLUMNS.items()],
+        pl.col("hit@10").mean(),
+        pl.col("ndcg@10").mean(),
+        pl.col("rr").mean().alias("mrr"),
+    ).row(0, named=True)
+    return {
+        "n_requests": row["n_requests"],
+        "recall": {s: row[s] for s in FUNNEL_STAGES},
+        "hr@10": row["hit@10"],
+        "ndcg@10": row["ndcg@10"],
+        "mrr": row["mrr"],
+    }
+
+
+def breakdown(frame: pl.DataFrame, by: str, order: Iterable[str]) -> dict:
+    """`quality_summary` per value of column `by`, in `order` (empty buckets are left out)."""
+    out = {}
+    for label in order:
+        part = frame.filter(pl.col(by) == label)
+        if part.height:
+            out[label] = quality_summary(part)
+    return out
+
+
+def stage_latency(latency: pl.DataFrame, variant: str, stage: str) -> tuple[dict, dict, float]:
+    """Per-batch and per-request latency percentiles and the total ms of one variant's stage."""
+    part = latency.filter((pl.col("variant") == variant) & (pl.col("stage") == stage))
+    ms = part["ms"].to_numpy()
+    bs = part["batch_size"].to_numpy()
+    return latency_percentiles(ms), per_request_latency(ms, bs), float(ms.sum())
+
+
+def funnel_latency(latency: pl.DataFrame, variant: str) -> tuple[dict, dict, float]:
+    """Latency of the whole funnel per batch (the sum of the stages on that batch)."""
+    per_batch = (
+        latency.filter(pl.col("variant") == variant)
+        .group_by("batch")
+        .agg(pl.col("ms").sum(), pl.col("batch_size").first())
+        .sort("batch")
+    )
+    ms = per_batch["ms"].to_numpy()
+    bs = per_batch["batch_size"].to_numpy()
+    return latency_percentiles(ms), per_request_latency(ms, bs), float(ms.sum())
+
+
+def survival_chain(frame: pl.DataFrame) -> dict:
+    """Survival of each stage given the previous one, from a variant's rank columns (first
+    target only when requests have several; recall columns carry the full fractions)."""
+    out, prev = {}, None
+    for s in FUNNEL_STAGES:
+        cur = frame[RANK_COLUMNS[s]].fill_null(-1).to_numpy()[:, None]
+        out[s] = survival(prev, cur)
+        prev = cur
+    return out
+
+
+def compare_variants(
+    frame: pl.DataFrame,
+    variant: str,
+    baseline: str,
+    *,
+    metrics: Mapping[str, str] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Paired per-request deltas variant - baseline with bootstrap 95% intervals. `metrics` maps
+    a reported name to a request column; rows are paired by request_id."""
+    metrics = metrics or {
+        "recall@esr": "recall_esr",
+        "recall@final": "recall_lsr",
+        "hr@10": "hit@10",
+        "ndcg@10": "ndcg@10",
+        "mrr": "rr",
+    }
+    cols = list(dict.fromkeys(metrics.values()))
+    a = frame.filter(pl.col("variant") == variant).select("request_id", *cols)
+    b = frame.filter(pl.col("variant") == baseline).select("request_id", *cols)
+    joined = a.join(b, on="request_id", how="inner", suffix="_b")
+    out = {}
+    for name, col in metrics.items():
+        res = paired_bootstrap(
+            joined[col].to_numpy(), joined[f"{col}_b"].to_numpy(), n_resamples=n_resamples, seed=seed
+        )
+        out[name] = {
+            "variant": variant,
+            "baseline": baseline,
+            "delta": res["delta"],
+            "ci95": res["ci95"],
+            "n": res["n"],
+        }
+    return out

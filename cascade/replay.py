@@ -1,0 +1,234 @@
+"""Replay: run a `Pipeline` over a `Traffic` in batches and record what happened.
+
+For every request and ESR variant it records where each ground-truth item stands after each
+stage (its 0-based rank in that stage's output, -1 once dropped) and, per batch, each stage's
+latency. The first `warmup` batches run once untimed before the timed pass (first calls pay for
+lazy initialisation, allocator growth and kernel compilation, which a serving system would not).
+The shared retrieval time is recorded under every variant, so each variant's funnel latency and
+throughput include it.
+
+With `oracle=True` the LSR also scores every retrieved candidate: its top `final` over the whole
+retrieved set is what the funnel would return without the ESR's cut, which gives the funnel's
+loss and the ESR-LSR consistency (overlap of the ESR's top-K with that list, K = final).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from cascade.data.traffic import Traffic
+from cascade.metrics import ndcg, hit_rate, overlap_at_k, recall, reciprocal_rank, target_ranks
+from cascade.pipeline import Pipeline
+
+LATENCY_SCHEMA = {
+    "variant": pl.String,
+    "stage": pl.String,
+    "batch": pl.Int64,
+    "batch_size": pl.Int64,
+    "ms": pl.Float64,
+}
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Arrays are in traffic order; ranks are (R, T) with -1 for dropped or padded targets."""
+
+    variants: tuple[str, ...]
+    request_id: np.ndarray  # (R,) int64
+    user: np.ndarray  # (R,) int64
+    hist_len: np.ndarray  # (R,) int64, every earlier event of the user (not truncated)
+    targets: np.ndarray  # (R, T) int64, -1 padded
+    rank_retrieval: np.ndarray  # (R, T), shared by all variants
+    rank_esr: dict[str, np.ndarray]  # variant -> (R, T)
+    rank_lsr: dict[str, np.ndarray]  # variant -> (R, T)
+    rank_oracle: np.ndarray | None  # (R, T): rank in the LSR's top final over all retrieved
+    consistency: dict[str, np.ndarray] | None  # variant -> (R,) overlap@final of ESR and LSR
+    latency: pl.DataFrame  # LATENCY_SCHEMA, one row per (variant, stage, batch)
+    final_k: int
+    seconds: float  # wall time of the timed pass
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.targets >= 0
+
+    def requests_frame(self, k: int = 10) -> pl.DataFrame:
+        """One row per (variant, request): ranks of the first target after each stage (null once
+        dropped), the fraction of targets after each stage, and hit@k / ndcg@k / rr of the final
+        list (k is capped at the final budget)."""
+        k = min(k, self.final_k)
+        v = self.valid
+        frames = []
+        for name in self.variants:
+            cols = {
+                "variant": pl.Series([name] * len(self.user), dtype=pl.String),
+                "request_id": self.request_id,
+                "user": self.user,
+                "target": self.targets[:, 0],
+                "n_targets": v.sum(1).astype(np.int64),
+                "hist_len": self.hist_len,
+            }
+            for stage, r in (
+                ("retrieval", self.rank_retrieval),
+                ("esr", self.rank_esr[name]),
+                ("lsr", self.rank_lsr[name]),
+            ):
+                cols[f"rank_{stage}"] = pl.Series(np.where(r[:, 0] >= 0, r[:, 0], None), dtype=pl.Int64)
+                cols[f"recall_{stage}"] = recall(r, v)
+            lsr = self.rank_lsr[name]
+            cols["hit@10"] = hit_rate(lsr, v, k)
+            cols["ndcg@10"] = ndcg(lsr, v, k)
+            cols["rr"] = reciprocal_rank(lsr, v)
+            if self.rank_oracle is not None:
+                cols["rank_oracle"] = pl.Series(
+                    np.where(self.rank_oracle[:, 0] >= 0, self.rank_oracle[:, 0], None),
+                    dtype=pl.Int64,
+                )
+                cols["oracle_hit@10"] = hit_rate(self.rank_oracle, v, k)
+                cols["oracle_ndcg@10"] = ndcg(self.rank_oracle, v, k)
+                cols["oracle_rr"] = reciprocal_rank(self.rank_oracle, v)
+                cols["consistency"] = self.consistency[name]
+            frames.append(pl.DataFrame(cols))
+        return pl.concat(frames)
+
+
+def replay(
+    pipeline: Pipeline,
+    traffic: Traffic,
+    *,
+    batch_size: int = 256,
+    oracle: bool = False,
+    warmup: int = 1,
+    progress: bool = True,
+    description: str = "replay",
+) -> ReplayResult:
+    """Run `pipeline` over every request of `traffic` (see module docstring)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(traffic) == 0:
+        raise ValueError("replay: the traffic has no requests")
+    device = pipeline.device
+    n_items = traffic.dataset.n_items
+    names = tuple(pipeline.esrs)
+    R, T = traffic.targets.shape
+    rank_ret = np.full((R, T), -1, np.int64)
+    rank_esr = {n: np.full((R, T), -1, np.int64) for n in names}
+    rank_lsr = {n: np.full((R, T), -1, np.int64) for n in names}
+    rank_orc = np.full((R, T), -1, np.int64) if oracle else None
+    cons = {n: np.zeros(R, np.float64) for n in names} if oracle else None
+    rows: dict[str, list] = {c: [] for c in LATENCY_SCHEMA}
+
+    def add(variant: str, stage: str, b: int, size: int, ns: int) -> None:
+        rows["variant"].append(variant)
+        rows["stage"].append(stage)
+        rows["batch"].append(b)
+        rows["batch_size"].append(size)
+        rows["ms"].append(ns / 1e6)
+
+    n_batches = traffic.n_batches(batch_size)
+    for w in range(min(warmup, n_batches)):  # untimed: lazy init, allocator, compilation
+        sl = slice(w * batch_size, (w + 1) * batch_size)
+        pipeline.run_batch(traffic.batch(sl).to(device), oracle=oracle, n_items=n_items)
+
+    import time
+
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=R)
+        for b in range(n_batches):
+            sl = slice(b * batch_size, min((b + 1) * batch_size, R))
+            batch = traffic.batch(sl).to(device)
+            out = pipeline.run_batch(batch, oracle=oracle, n_items=n_items)
+            tg = traffic.targets[sl]
+            size = len(batch)
+            rank_ret[sl] = target_ranks(out.retrieved.cpu().numpy(), tg)
+            oracle_np = None
+            if oracle:
+                oracle_np = out.oracle_ids.cpu().numpy()
+                rank_orc[sl] = target_ranks(oracle_np, tg)
+            for name in names:
+                vo = out.variants[name]
+                esr_np = vo.esr_ids.cpu().numpy()
+                rank_esr[name][sl] = target_ranks(esr_np, tg)
+                rank_lsr[name][sl] = target_ranks(vo.final_ids.cpu().numpy(), tg)
+                if oracle:
+                    cons[name][sl] = overlap_at_k(esr_np, oracle_np, pipeline.budgets.final)
+                add(name, "retrieval", b, size, out.retrieval_ns)
+                add(name, "esr", b, size, vo.esr_ns)
+                add(name, "lsr", b, size, vo.lsr_ns)
+            bar.advance(task, size)
+    seconds = time.perf_counter() - t0
+    return ReplayResult(
+        variants=names,
+        request_id=traffic.request_id.copy(),
+        user=traffic.user.copy(),
+        hist_len=traffic.pos.copy(),
+        targets=traffic.targets.copy(),
+        rank_retrieval=rank_ret,
+        rank_esr=rank_esr,
+        rank_lsr=rank_lsr,
+        rank_oracle=rank_orc,
+        consistency=cons,
+        latency=pl.DataFrame(rows, schema=LATENCY_SCHEMA),
+        final_k=pipeline.budgets.final,
+        seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def full_catalogue_ranks(
+    score_batch,
+    traffic: Traffic,
+    *,
+    batch_size: int = 256,
+    exclude_seen: bool = True,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    description: str = "full catalogue",
+) -> np.ndarray:
+    """(R, T) rank of each target among every catalogue item under `score_batch(batch) ->
+    (B, n_items)` scores, items in the request's (max_len-truncated) history excluded when
+    `exclude_seen` (as the retrieval stage does). Ties count against the target (see
+    `cascade.metrics.ranks_from_scores`); an excluded target gets -1."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from cascade.metrics import ranks_from_scores
+
+    R, T = traffic.targets.shape
+    out = np.full((R, T), -1, np.int64)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        disable=not progress, transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=R)
+        for start in range(0, R, batch_size):
+            sl = slice(start, min(start + batch_size, R))
+            batch = traffic.batch(sl).to(device)
+            scores = score_batch(batch).float()  # (B, n_items)
+            if exclude_seen:
+                scores = mask_seen(scores, batch)
+            out[sl] = ranks_from_scores(scores.cpu().numpy(), traffic.targets[sl])
+            bar.advance(task, len(batch))
+    return out
+
+
+def mask_seen(scores: torch.Tensor, batch) -> torch.Tensor:
+    """Set the scores of the items in each request's history to -inf."""
+    hist = torch.where(batch.hist_mask, batch.hist_items, -1)
+    rows = torch.arange(len(batch), device=scores.device)[:, None].expand_as(hist)
+    keep = hist >= 0
+    scores = scores.clone()
+    scores[rows[keep], hist[keep]] = float("-inf")
+    return scores

@@ -1,0 +1,599 @@
+"""Putting saved runs side by side: `cascade compare RUN [RUN ...]`.
+
+A run folder (see `cascade.records`, format "cascade-run/1") holds metrics.json, requests.parquet
+(one row per ESR variant and request), latency.parquet (one row per variant, stage and batch),
+config.toml and env.json. This module reads several of them, checks they are comparable, and
+builds one aligned table over every (run, ESR variant) pair, an *entry*:
+
+- funnel recall after each stage, the final metrics, per-stage and full-funnel latency
+  percentiles and throughput, for every entry;
+- when an entry replayed the same traffic as the reference (the first run's primary variant;
+  same `data.traffic_key`), paired per-request deltas against the reference with paired
+  bootstrap 95% intervals, the requests joined on `request_id`;
+- when it did not (other data, split, seed or request sample) the table says so and shows only
+  the unpaired summary values: a difference of two means over different requests has no
+  meaningful paired interval.
+
+Runs whose metrics differ in kind (other stages, other final metrics) are refused with a message
+naming the folder and what differs; so is a folder that is not a run, a run of another format or
+one with missing files. Errors are `DataError`s, which the CLI prints without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import polars as pl
+
+from cascade.data.dataset import DataError
+
+RUN_FORMAT = "cascade-run/1"
+COMPARE_FORMAT = "cascade-compare/1"
+REQUIRED_FILES = ("metrics.json", "config.toml", "requests.parquet", "latency.parquet")
+REQUEST_COLUMNS = ("variant", "request_id", "user", "target", "rank_retrieval", "rank_esr",
+                   "rank_lsr")
+LATENCY_COLUMNS = ("variant", "stage", "batch", "batch_size", "ms")
+FUNNEL_STAGE = "funnel"  # the pseudo-stage: every stage of one batch, summed
+# final metric name in metrics.json -> per-request column in requests.parquet
+_PER_REQUEST = {"hr": "hit", "ndcg": "ndcg", "mrr": "rr"}
+
+
+# --------------------------------------------------------------------------------------------
+# reading run folders
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One saved run folder, validated."""
+
+    path: Path
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    env: dict[str, Any]
+    requests: pl.DataFrame  # one row per (variant, request)
+    latency: pl.DataFrame  # one row per (variant, stage, batch)
+
+    @property
+    def name(self) -> str:
+        return str(self.metrics.get("name") or self.path.name)
+
+    @property
+    def variants(self) -> list[str]:
+        """ESR variant labels, primary first, then baseline, then the others in file order."""
+        labels = list(self.metrics["variants"])
+        first = [x for x in (self.metrics.get("primary"), self.metrics.get("baseline")) if x]
+        return [*[x for x in first if x in labels], *[x for x in labels if x not in first]]
+
+    @property
+    def primary(self) -> str:
+        return self.variants[0]
+
+    def stages(self, variant: str) -> list[dict[str, Any]]:
+        return list(self.metrics["variants"][variant]["stages"])
+
+    def stage_names(self, variant: str | None = None) -> list[str]:
+        return [s["name"] for s in self.stages(variant or self.primary)]
+
+    def final_names(self, variant: str | None = None) -> list[str]:
+        return list(self.metrics["variants"][variant or self.primary]["final"])
+
+    @property
+    def traffic_key(self) -> str:
+        return str(self.metrics["data"]["traffic_key"])
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed", self.metrics.get("seed"))
+
+    def stage_latency(self) -> pl.DataFrame:
+        """latency.parquet with every row attributed to a variant: rows of a stage shared by all
+        variants (a label that is not a variant, e.g. the retrieval run once per batch) are
+        repeated for each variant, so that per-variant full-funnel sums include them."""
+        lat = self.latency.select(
+            pl.col("variant").cast(pl.String), pl.col("stage").cast(pl.String),
+            pl.col("batch").cast(pl.Int64), pl.col("batch_size").cast(pl.Int64),
+            pl.col("ms").cast(pl.Float64),
+        )
+        variants = self.variants
+        own = lat.filter(pl.col("variant").is_in(variants))
+        shared = lat.filter(~pl.col("variant").is_in(variants) | pl.col("variant").is_null())
+        if shared.height:
+            v = pl.DataFrame({"variant": variants}, schema={"variant": pl.String})
+            own = pl.concat([own, shared.drop("variant").join(v, how="cross").select(lat.columns)])
+        return own
+
+    def funnel_latency(self) -> pl.DataFrame:
+        """Per (variant, batch): the summed latency of every stage, what one batch of requests
+        waits for end to end. Columns variant, batch, batch_size, ms."""
+        return (
+            self.stage_latency()
+            .group_by("variant", "batch")
+            .agg(pl.col("batch_size").max(), pl.col("ms").sum())
+            .sort("variant", "batch")
+        )
+
+
+def _read_json(path: Path, folder: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"run folder {folder}: cannot read {path.name}: {e}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"run folder {folder}: {path.name} is not a JSON object")
+    return obj
+
+
+def _read_parquet(path: Path, folder: Path, columns: Sequence[str]) -> pl.DataFrame:
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - polars raises several kinds for a corrupt file
+        raise DataError(f"run folder {folder}: cannot read {path.name}: {e}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"run folder {folder}: {path.name} lacks column(s) {', '.join(missing)} "
+            f"(has {', '.join(frame.columns)})"
+        )
+    return frame
+
+
+def _check_metrics(m: dict[str, Any], folder: Path) -> None:
+    where = f"run folder {folder}: metrics.json"
+    for key in ("data", "budgets", "variants"):
+        if key not in m:
+            raise DataError(f"{where} lacks {key!r}")
+    if "traffic_key" not in m["data"]:
+        raise DataError(f"{where} lacks 'data.traffic_key'")
+    if not isinstance(m["variants"], dict) or not m["variants"]:
+        raise DataError(f"{where} has no ESR variants under 'variants'")
+    for label, v in m["variants"].items():
+        for key in ("stages", "final"):
+            if key not in v:
+                raise DataError(f"{where} lacks 'variants.{label}.{key}'")
+        for i, s in enumerate(v["stages"]):
+            lacking = [k for k in ("name", "k", "recall") if k not in s]
+            if lacking:
+                raise DataError(f"{where}: variants.{label}.stages[{i}] lacks {lacking}")
+
+
+def read_run(path: str | Path) -> Run:
+    """Read and validate one run folder. Raises `DataError` naming the folder and what is
+    wrong: not a folder, not a run, another format, missing files or fields."""
+    folder = Path(path)
+    if not folder.exists():
+        raise DataError(f"run folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a run folder")
+    present = [f for f in REQUIRED_FILES if (folder / f).is_file()]
+    if "metrics.json" not in present and len(present) == 0:
+        raise DataError(
+            f"{folder} is not a cascade run folder: it has none of "
+            f"{', '.join(REQUIRED_FILES)} (`cascade run` writes them)"
+        )
+    if "metrics.json" not in present:
+        raise DataError(f"run folder {folder} is missing metrics.json")
+    metrics = _read_json(folder / "metrics.json", folder)
+    fmt = metrics.get("format")
+    if fmt != RUN_FORMAT:
+        found = "no 'format' field (an older run)" if fmt is None else f"format {fmt!r}"
+        raise DataError(
+            f"run folder {folder} has {found}; this cascade reads {RUN_FORMAT!r} "
+            f"(re-run it with `cascade run --config {folder / 'config.toml'}`)"
+        )
+    missing = [f for f in REQUIRED_FILES if f not in present]
+    if missing:
+        raise DataError(f"run folder {folder} is missing {', '.join(missing)}")
+    _check_metrics(metrics, folder)
+    try:
+        config = tomllib.loads((folder / "config.toml").read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise DataError(f"run folder {folder}: cannot read config.toml: {e}") from None
+    env = _read_json(folder / "env.json", folder) if (folder / "env.json").is_file() else {}
+    requests = _read_parquet(folder / "requests.parquet", folder, REQUEST_COLUMNS)
+    latency = _read_parquet(folder / "latency.parquet", folder, LATENCY_COLUMNS)
+    run = Run(folder, metrics, config, env, requests, latency)
+    have = set(requests["variant"].unique().to_list())
+    lacking = [v for v in run.variants if v not in have]
+    if lacking:
+        raise DataError(
+            f"run folder {folder}: requests.parquet has no rows for variant(s) {lacking}"
+        )
+    return run
+
+
+def read_runs(paths: Sequence[str | Path]) -> list[Run]:
+    if not paths:
+        raise DataError("give at least one run folder")
+    return [read_run(p) for p in paths]
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ESR variant of one run: a column of the comparison."""
+
+    run: int  # index into Comparison.runs
+    run_label: str
+    variant: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.run_label}/{self.variant}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # e.g. "recall@esr", "ndcg@10", "p99_ms@funnel"
+    label: str  # words for a person
+    group: str  # "budget" | "funnel" | "final" | "latency" | "throughput"
+    per_request: str | None = None  # requests.parquet column (or rank column) when paired
+
+
+@dataclass
+class Comparison:
+    runs: list[Run]
+    entries: list[Entry]
+    metrics: list[Metric]
+    values: dict[tuple[str, str], float]  # (entry label, metric key) -> value
+    deltas: dict[tuple[str, str], tuple[float, float, float]]  # -> (delta, lo, hi), paired only
+    paired: dict[str, bool]  # entry label -> same traffic as the reference
+    notes: list[str] = field(default_factory=list)
+    n_boot: int = 1000
+
+    @property
+    def reference(self) -> Entry:
+        return self.entries[0]
+
+    def records(self) -> list[dict[str, Any]]:
+        """The comparison as long rows (one per entry and metric), for JSON and CSV."""
+        out = []
+        ref = self.reference.label
+        for e in self.entries:
+            for m in self.metrics:
+                v = self.values.get((e.label, m.key))
+                d = self.deltas.get((e.label, m.key))
+                out.append({
+                    "run": e.run_label,
+                    "folder": str(self.runs[e.run].path),
+                    "variant": e.variant,
+                    "metric": m.key,
+                    "group": m.group,
+                    "value": _num(v),
+                    "reference": ref,
+                    "paired": self.paired[e.label],
+                    "delta": _num(d[0]) if d else None,
+                    "ci95_lo": _num(d[1]) if d else None,
+                    "ci95_hi": _num(d[2]) if d else None,
+                })
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": COMPARE_FORMAT,
+            "reference": self.reference.label,
+            "bootstrap_resamples": self.n_boot,
+            "runs": [
+                {
+                    "label": _run_label(self.runs, i),
+                    "folder": str(r.path),
+                    "name": r.name,
+                    "data": r.metrics["data"],
+                    "budgets": r.metrics["budgets"],
+                    "variants": r.variants,
+                }
+                for i, r in enumerate(self.runs)
+            ],
+            "entries": [
+                {"label": e.label, "run": e.run_label, "variant": e.variant,
+                 "paired": self.paired[e.label]}
+                for e in self.entries
+            ],
+            "notes": self.notes,
+            "rows": self.records(),
+        }
+
+
+def _num(x: float | None) -> float | None:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return float(x)
+
+
+def _run_label(runs: Sequence[Run], i: int) -> str:
+    """The run's name, or its folder name when two runs share a name."""
+    names = [r.name for r in runs]
+    if names.count(names[i]) == 1:
+        return names[i]
+    folders = [r.path.name for r in runs]
+    return folders[i] if folders.count(folders[i]) == 1 else str(runs[i].path)
+
+
+def _check_kind(runs: Sequence[Run]) -> None:
+    """All entries must report the same stages and the same final metrics."""
+    ref = runs[0]
+    ref_stages, ref_final = ref.stage_names(), ref.final_names()
+    for r in runs:
+        for v in r.variants:
+            stages, final = r.stage_names(v), r.final_names(v)
+            if stages != ref_stages:
+                raise DataError(
+                    f"runs differ in kind: run folder {r.path} (variant {v!r}) has stages "
+                    f"{stages}, run folder {ref.path} has {ref_stages}"
+                )
+            if sorted(final) != sorted(ref_final):
+                missing = [k for k in ref_final if k not in final]
+                extra = [k for k in final if k not in ref_final]
+                raise DataError(
+                    f"runs differ in kind: run folder {r.path} (variant {v!r}) reports final "
+                    f"metrics {final}, run folder {ref.path} reports {ref_final}"
+                    + (f"; missing {missing}" if missing else "")
+                    + (f"; extra {extra}" if extra else "")
+                )
+
+
+def traffic_difference(a: Run, b: Run) -> list[str]:
+    """Why two runs did not replay the same traffic, in words (empty when they did)."""
+    if a.traffic_key == b.traffic_key:
+        return []
+    da, db = a.metrics["data"], b.metrics["data"]
+    why = []
+    for key, what in (("name", "data"), ("fingerprint", "data fingerprint"), ("split", "split"),
+                      ("n_requests", "test requests")):
+        if da.get(key) != db.get(key):
+            why.append(f"{what} {da.get(key)!r} vs {db.get(key)!r}")
+    if a.seed != b.seed:
+        why.append(f"seed {a.seed!r} vs {b.seed!r}")
+    if not why:
+        why.append(f"traffic key {a.traffic_key} vs {b.traffic_key}")
+    return why
+
+
+def _metric_list(runs: Sequence[Run]) -> list[Metric]:
+    ref = runs[0]
+    stages = ref.stage_names()
+    out = [Metric(f"k@{s}", f"{s} K", "budget") for s in stages]
+    out += [Metric(f"recall@{s}", f"recall after {s}", "funnel", f"rank_{s}") for s in stages]
+    for name in ref.final_names():
+        base = name.split("@")[0]
+        col = _PER_REQUEST.get(base)
+        col = None if col is None else col + name[len(base):]
+        out.append(Metric(name, name, "final", col))
+    for s in [*stages, FUNNEL_STAGE]:
+        what = "full funnel" if s == FUNNEL_STAGE else s
+        for q in ("p50", "p99"):
+            out.append(Metric(f"{q}_ms@{s}", f"{what} {q} ms", "latency"))
+    out.append(Metric("throughput_rps", "throughput (requests/s)", "throughput"))
+    return out
+
+
+def entry_values(run: Run, variant: str) -> dict[str, float]:
+    """Summary values of one entry, keyed like `Metric.key`."""
+    v = run.metrics["variants"][variant]
+    out: dict[str, float] = {}
+    for s in v["stages"]:
+        out[f"k@{s['name']}"] = float(s["k"])
+        out[f"recall@{s['name']}"] = float(s["recall"])
+    for k, x in v["final"].items():
+        out[k] = float(x)
+    lat = run.stage_latency().filter(pl.col("variant") == variant)
+    stats = lat.group_by("stage").agg(
+        pl.col("ms").quantile(0.5, "linear").alias("p50"),
+        pl.col("ms").quantile(0.99, "linear").alias("p99"),
+    )
+    for row in stats.iter_rows(named=True):  # one row per stage, not per request
+        out[f"p50_ms@{row['stage']}"] = row["p50"]
+        out[f"p99_ms@{row['stage']}"] = row["p99"]
+    for s in v["stages"]:  # metrics.json is authoritative where it has the numbers
+        ms = s.get("latency_ms") or {}
+        for q in ("p50", "p99"):
+            if q in ms:
+                out[f"{q}_ms@{s['name']}"] = float(ms[q])
+    tot = run.funnel_latency().filter(pl.col("variant") == variant)["ms"]
+    if len(tot):
+        out[f"p50_ms@{FUNNEL_STAGE}"] = float(tot.quantile(0.5, "linear"))
+        out[f"p99_ms@{FUNNEL_STAGE}"] = float(tot.quantile(0.99, "linear"))
+    if v.get("throughput_rps") is not None:
+        out["throughput_rps"] = float(v["throughput_rps"])
+    return out
+
+
+def per_request(run: Run, variant: str, metrics: Sequence[Metric]) -> pl.DataFrame:
+    """request_id plus one float column per paired metric (key as column name)."""
+    req = run.requests.filter(pl.col("variant") == variant)
+    cols = [pl.col("request_id")]
+    for m in metrics:
+        if m.per_request is None:
+            continue
+        if m.per_request.startswith("rank_"):
+            # the fraction of targets kept when the run stored it, else the first target's rank
+            frac = "recall_" + m.per_request[len("rank_"):]
+            if frac in req.columns:
+                cols.append(pl.col(frac).cast(pl.Float64).alias(m.key))
+            elif m.per_request in req.columns:
+                r = pl.col(m.per_request)
+                cols.append((r.is_not_null() & (r >= 0)).cast(pl.Float64).alias(m.key))
+        elif m.per_request in req.columns:
+            cols.append(pl.col(m.per_request).cast(pl.Float64).fill_null(0.0).alias(m.key))
+    return req.select(cols)
+
+
+def compare_runs(
+    runs: Sequence[Run], *, n_boot: int = 1000, seed: int = 0
+) -> Comparison:
+    """The aligned comparison of every ESR variant of every run against the first run's
+    primary variant (see module docstring)."""
+    from cascade.metrics import paired_bootstrap
+
+    runs = list(runs)
+    if not runs:
+        raise DataError("give at least one run folder")
+    _check_kind(runs)
+    metrics = _metric_list(runs)
+    entries = [
+        Entry(i, _run_label(runs, i), v) for i, r in enumerate(runs) for v in r.variants
+    ]
+    ref = entries[0]
+    ref_run = runs[0]
+    values = {(e.label, k): x for e in entries for k, x in entry_values(runs[e.run], e.variant).items()}
+    notes: list[str] = []
+    paired: dict[str, bool] = {}
+    deltas: dict[tuple[str, str], tuple[float, float, float]] = {}
+    ref_req = per_request(ref_run, ref.variant, metrics)
+    paired_keys = [m.key for m in metrics if m.key in ref_req.columns and m.key != "request_id"]
+    refused: set[int] = set()
+    for e in entries:
+        run = runs[e.run]
+        why = traffic_difference(ref_run, run)
+        if why:
+            paired[e.label] = False
+            if e.run not in refused:
+                refused.add(e.run)
+                notes.append(
+                    f"{run.path} did not replay the same traffic as {ref_run.path} "
+                    f"({'; '.join(why)}): no paired per-request deltas for it, only the "
+                    f"unpaired summary values are comparable"
+                )
+            continue
+        if e == ref:
+            paired[e.label] = True
+            continue
+        other = per_request(run, e.variant, metrics)
+        joined = ref_req.join(other, on="request_id", how="inner", suffix="__b")
+        if joined.height != ref_req.height or joined.height != other.height:
+            paired[e.label] = False
+            notes.append(
+                f"{e.label}: same traffic key as the reference but only {joined.height} of "
+                f"{ref_req.height} request ids match; not paired"
+            )
+            continue
+        paired[e.label] = True
+        for k in paired_keys:
+            if f"{k}__b" not in joined.columns:
+                continue
+            a = joined[k].to_numpy()
+            b = joined[f"{k}__b"].to_numpy()
+            res = paired_bootstrap(b, a, n_resamples=n_boot, seed=seed)
+            if res["delta"] is not None:
+                deltas[(e.label, k)] = (res["delta"], *res["ci95"])
+    if len(entries) > 1 and any(paired[e.label] for e in entries[1:]):
+        notes.append(
+            f"deltas are {ref.label} subtracted from each entry, per request, with paired "
+            f"bootstrap 95% intervals ({n_boot} resamples); latency and throughput are unpaired "
+            f"summary values"
+        )
+    return Comparison(runs, entries, metrics, values, deltas, paired, notes, n_boot)
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, group: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if group == "budget":
+        return f"{int(x)}"
+    if group in ("latency",):
+        return f"{x:.2f}"
+    if group == "throughput":
+        return f"{x:,.0f}"
+    return f"{x:.4f}"
+
+
+def _cell(c: Comparison, e: Entry, m: Metric, sep: str) -> str:
+    s = _fmt(c.values.get((e.label, m.key)), m.group)
+    d = c.deltas.get((e.label, m.key))
+    if d is not None:
+        s += f"{sep}Δ {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+    return s
+
+
+def to_markdown(c: Comparison) -> str:
+    head = ["metric", *[f"{e.label}" + (" (ref)" if i == 0 else "") for i, e in
+                        enumerate(c.entries)]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in c.metrics:
+        cells = [m.label, *[_cell(c, e, m, " ") for e in c.entries]]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n"
+    if c.notes:
+        out += "\n" + "\n".join(f"- {n}" for n in c.notes) + "\n"
+    return out
+
+
+def to_csv(c: Comparison) -> str:
+    return pl.DataFrame(c.records(), infer_schema_length=None).write_csv()
+
+
+def to_rich(c: Comparison):  # -> rich.table.Table
+    from rich.table import Table
+
+    t = Table(title=f"cascade compare (reference: {c.reference.label})")
+    t.add_column("metric", style="bold")
+    for i, e in enumerate(c.entries):
+        t.add_column(e.label + (" (ref)" if i == 0 else ""), justify="right")
+    group = None
+    for m in c.metrics:
+        if group is not None and m.group != group:
+            t.add_section()
+        group = m.group
+        t.add_row(m.label, *[_cell(c, e, m, "\n") for e in c.entries])
+    return t
+
+
+def summary_points(c: Comparison) -> pl.DataFrame:
+    """One row per entry: label, final NDCG (or the first final metric) and full-funnel p99."""
+    q = next((m.key for m in c.metrics if m.key.startswith("ndcg")), None)
+    q = q or next(m.key for m in c.metrics if m.group == "final")
+    return pl.DataFrame(
+        {
+            "label": [e.label for e in c.entries],
+            "quality_metric": [q] * len(c.entries),
+            "quality": [c.values.get((e.label, q)) for e in c.entries],
+            "p99_ms": [c.values.get((e.label, f"p99_ms@{FUNNEL_STAGE}")) for e in c.entries],
+        },
+        schema={"label": pl.String, "quality_metric": pl.String, "quality": pl.Float64,
+                "p99_ms": pl.Float64},
+    )
+
+
+def write_comparison(c: Comparison, out_dir: str | Path) -> list[Path]:
+    """Write comparison.md, comparison.json and the comparison figures into `out_dir`, all or
+    nothing: everything is drawn into a temporary folder beside it first, then moved in."""
+    import shutil
+    import tempfile
+
+    from cascade import figures
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, expected a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        (tmp / "comparison.md").write_text(to_markdown(c))
+        (tmp / "comparison.json").write_text(json.dumps(c.to_json(), indent=2))
+        figures.comparison_figures(c, tmp / "figures")
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                dest = out / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                f.replace(dest)
+                written.append(dest)
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+

@@ -457,7 +457,7 @@ def _age_bucket(age: pl.Expr) -> pl.Expr:
 
 def _n_unknown(frame: pl.DataFrame, col: str) -> str:
     n = frame[col].null_count()
-    return f"; {n} items without one: unknown" if n else ""
+    return f"; {n} item{'s' if n > 1 else ''} without one: unknown" if n else ""
 
 
 def _dir_of(path: str | Path, marker: str) -> Path:

@@ -152,7 +152,8 @@ class Pipeline:
             raise StageError(f"stage {name!r} returned ids of shape {tuple(ids.shape)}, expected {shape}")
         if ids.dtype.is_floating_point:
             raise StageError(f"stage {name!r} returned {ids.dtype} ids, expected int64")
-        bad = (ids < 0) | (ids >= n_items) if n_items is not None else ids < 0
+        # -1 pads a row when fewer unseen items than the budget exist at all
+        bad = (ids < -1) | (ids >= n_items) if n_items is not None else ids < -1
         if bool(bad.any()):
             raise StageError(
                 f"stage {name!r} returned {int(bad.sum())} ids outside the catalogue [0, {n_items})"
@@ -160,8 +161,14 @@ class Pipeline:
         return ids.long()
 
     def _rank(self, kind: str, label: str, ranker: Ranker, batch: RequestBatch, cand: Tensor, k: int):
-        scores = ranker.score(batch, cand)
+        """Score `cand` (B, K) with `ranker` and keep the top k ids, best first. Padding ids (-1)
+        are scored as item 0 and then ranked last, so rankers only ever see real ids."""
+        pad = cand < 0
+        has_pad = bool(pad.any())
+        scores = ranker.score(batch, cand.clamp_min(0) if has_pad else cand)
         scores = check_scores(f"{kind} {label}", scores, tuple(cand.shape))
+        if has_pad:
+            scores = scores.masked_fill(pad, float("-inf"))
         idx = torch.topk(scores, k, dim=1, sorted=True).indices  # (B, k)
         return torch.gather(cand, 1, idx)
 

@@ -76,23 +76,26 @@ class ReplayResult:
                 ("esr", self.rank_esr[name]),
                 ("lsr", self.rank_lsr[name]),
             ):
-                cols[f"rank_{stage}"] = pl.Series(np.where(r[:, 0] >= 0, r[:, 0], None), dtype=pl.Int64)
+                cols[f"rank_{stage}"] = _nullable(r[:, 0])
                 cols[f"recall_{stage}"] = recall(r, v)
             lsr = self.rank_lsr[name]
             cols["hit@10"] = hit_rate(lsr, v, k)
             cols["ndcg@10"] = ndcg(lsr, v, k)
             cols["rr"] = reciprocal_rank(lsr, v)
             if self.rank_oracle is not None:
-                cols["rank_oracle"] = pl.Series(
-                    np.where(self.rank_oracle[:, 0] >= 0, self.rank_oracle[:, 0], None),
-                    dtype=pl.Int64,
-                )
+                cols["rank_oracle"] = _nullable(self.rank_oracle[:, 0])
                 cols["oracle_hit@10"] = hit_rate(self.rank_oracle, v, k)
                 cols["oracle_ndcg@10"] = ndcg(self.rank_oracle, v, k)
                 cols["oracle_rr"] = reciprocal_rank(self.rank_oracle, v)
                 cols["consistency"] = self.consistency[name]
             frames.append(pl.DataFrame(cols))
         return pl.concat(frames)
+
+
+def _nullable(rank: np.ndarray) -> pl.Series:
+    """Ranks as an Int64 series with null where the item did not survive (-1)."""
+    s = pl.Series(np.asarray(rank, dtype=np.int64))
+    return pl.select(pl.when(s >= 0).then(s)).to_series()
 
 
 def replay(

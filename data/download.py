@@ -103,7 +103,8 @@ def dataset_dir(
         try:
             _fetch(url, tmp_zip, f"{name} ({info.size})", progress)
         except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
+            # HTTPError's str has the status code; URLError's reason has the cause
+            reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
             raise DataError(f"could not download {name} from {url}: {reason}. {manual}") from None
         try:
             with zipfile.ZipFile(tmp_zip) as zf:

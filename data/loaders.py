@@ -942,14 +942,21 @@ def _feature_table(
             multi.append(c)
         elif s.dtype in _FLOAT_TYPES:
             report.append(
-                f"left out the float column {c!r} of {file}: feature tables hold categorical codes "
-                "(bucket it into integers or text to use it)"
+                f"left out the numeric column {c!r} of {file}: feature tables hold categorical "
+                "codes (bucket it into integers or text to use it)"
             )
         elif s.dtype in (pl.String, pl.Boolean, pl.Categorical, pl.Enum, pl.Date) or s.dtype in _INT_TYPES:
             if is_csv and s.dtype == pl.String:
                 as_int = s.str.strip_chars().cast(pl.Int64, strict=False)
+                as_float = s.str.strip_chars().cast(pl.Float64, strict=False)
                 if as_int.null_count() == s.null_count():
                     s = as_int  # integer codes sort as numbers in the vocabulary
+                elif as_float.null_count() == s.null_count():
+                    report.append(
+                        f"left out the numeric column {c!r} of {file}: feature tables hold "
+                        "categorical codes (bucket it into integers or text to use it)"
+                    )
+                    continue
             cols.append(s.alias(c))
             cats.append(c)
         else:

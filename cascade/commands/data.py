@@ -20,7 +20,7 @@ def _fail(err: Exception) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(err))}")
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(str(err))}")
     raise typer.Exit(2)
 
 

@@ -1152,6 +1152,8 @@ def load_dataset(spec: str | Path, *, cache_dir: Path | None = None, **opts: Any
             f"option(s) {unknown} do not apply to the {fmt!r} format; it accepts {accepted} "
             "plus format, download, pseudo_categories, seed"
         )
+    if opts.get("min_user_events", 2) < 1:
+        raise ValueError(f"min_user_events must be >= 1, got {opts['min_user_events']}")
     ds = loader(path, **opts)
     if ds.category_feature is None:
         ds = add_pseudo_categories(ds, n_clusters=int(n_pseudo), seed=int(seed))

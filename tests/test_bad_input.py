@@ -1,0 +1,255 @@
+"""Bad input: every malformed file gets a DataError naming the file and the line or column and
+what was expected; what a loader filters (duplicates, users too short) is reported with counts,
+or is an error with strict=True. Never a traceback from the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from cascade.data.dataset import DataError
+from cascade.data.loaders import (
+    detect_format,
+    load_dataset,
+    load_interaction_log,
+    load_movielens_100k,
+    load_sequences,
+)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _udata(d: Path, text: str) -> Path:
+    _write(d / "u.data", text)
+    return d
+
+
+GOOD = "1\t10\t5\t100\n1\t11\t4\t101\n2\t10\t3\t102\n2\t12\t1\t103\n"
+
+
+def _err(fn, *args, **kw) -> str:
+    with pytest.raises(DataError) as e:
+        fn(*args, **kw)
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# malformed lines, non-numeric values
+
+
+def test_wrong_field_count_names_file_and_line(tmp_path):
+    d = _udata(tmp_path, GOOD + "3\t10\t5\n3\t11\t2\t7\n")
+    msg = _err(load_movielens_100k, d)
+    assert f"{d / 'u.data'}, line 5: expected 4 fields" in msg
+    assert "found 3: '3\\t10\\t5'" in msg
+
+
+def test_too_many_fields_after_a_blank_line(tmp_path):
+    # the blank line still counts for line numbers
+    d = _udata(tmp_path, GOOD + "\n3\t10\t5\t1\t9\n")
+    assert "u.data, line 6: expected 4 fields" in _err(load_movielens_100k, d)
+
+
+def test_non_numeric_id(tmp_path):
+    d = _udata(tmp_path, GOOD + "3\tabc\t5\t104\n")
+    msg = _err(load_movielens_100k, d)
+    assert "u.data, line 5, field 'item'" in msg and "expected an integer, found 'abc'" in msg
+
+
+def test_non_numeric_timestamp_in_dat(tmp_path):
+    _write(tmp_path / "ratings.dat", "1::10::5::100\n1::11::4::yesterday\n1::12::4::1e9\n")
+    msg = _err(load_dataset, str(tmp_path))
+    assert "ratings.dat, line 2, field 'ts'" in msg and "'yesterday'" in msg
+    assert "(and 1 more such lines)" in msg  # 1e9 is not an integer either
+
+
+def test_non_numeric_rating(tmp_path):
+    d = _udata(tmp_path, GOOD + "3\t10\tfive\t104\n")
+    assert "line 5, field 'rating'" in _err(load_movielens_100k, d)
+    assert "expected a number, found 'five'" in _err(load_movielens_100k, d)
+
+
+def test_sequence_non_numeric_token(tmp_path):
+    p = _write(tmp_path / "seq.txt", "1 2 3\n2 4 x5 6\n")
+    msg = _err(load_sequences, p)
+    assert f"{p}, line 2, token 3: expected an integer id, found 'x5'" in msg
+
+
+def test_sequence_user_on_two_lines(tmp_path):
+    p = _write(tmp_path / "seq.txt", "1 2 3\n2 4 5\n1 6 7\n")
+    assert "seq.txt, line 3: user 1 already has a line (1)" in _err(load_sequences, p)
+
+
+def test_csv_log_bad_timestamp_and_ragged_line(tmp_path):
+    p = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,100\n1,3,101\n2,3,soon\n2,4,103\n")
+    msg = _err(load_interaction_log, p)
+    assert f"{p}, line 4, column 'timestamp'" in msg and "found 'soon'" in msg
+    p = _write(tmp_path / "log2.csv", "user,item,timestamp\n1,2,100\n1,3,101,9\n")
+    assert f"{p}, line 3: expected 3 fields separated by ','" in _err(load_interaction_log, p)
+
+
+def test_csv_log_empty_id(tmp_path):
+    p = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,100\n,3,101\n")
+    assert "line 3, column 'user': expected an id, found an empty value" in _err(load_interaction_log, p)
+
+
+def test_parquet_log_null_id_names_row(tmp_path):
+    p = tmp_path / "log.parquet"
+    pl.DataFrame({"user": [1, None, 2], "item": [1, 2, 3], "timestamp": [1, 2, 3]}).write_parquet(p)
+    assert f"{p}, row 2, column 'user'" in _err(load_interaction_log, p)
+
+
+def test_genre_flag_not_binary(tmp_path):
+    d = _udata(tmp_path, GOOD)
+    flags = ["0"] * 19
+    flags[3] = "2"
+    _write(d / "u.item", "|".join(["10", "A (1990)", "01-Jan-1990", "", "u", *flags]) + "\n")
+    assert "u.item, line 1, genre flag 'g3': expected 0 or 1, found 2" in _err(load_movielens_100k, d)
+
+
+# --------------------------------------------------------------------------------------------
+# missing or misnamed columns
+
+
+def test_misnamed_header_in_movielens_csv(tmp_path):
+    _write(tmp_path / "ratings.csv", "userId,itemId,rating,timestamp\n1,2,3,4\n")
+    msg = _err(load_dataset, str(tmp_path))
+    assert "ratings.csv, line 1: expected the header 'userId,movieId,rating,timestamp'" in msg
+    assert "missing column(s) ['movieId']" in msg
+
+
+def test_missing_column_in_log(tmp_path):
+    p = _write(tmp_path / "log.csv", "user_id,item,timestamp\n1,2,3\n")
+    msg = _err(load_interaction_log, p)
+    assert f"{p}: missing column(s) ['user']" in msg and "'user_id'" in msg
+    # and the option that fixes it works
+    p2 = _write(tmp_path / "ok.csv", "user_id,item,timestamp\n1,2,3\n1,3,4\n")
+    assert load_dataset(str(p2), user_col="user_id").n_events == 2
+
+
+def test_feature_table_missing_key_and_duplicate_id(tmp_path):
+    log = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,3\n1,3,4\n")
+    items = _write(tmp_path / "items.csv", "id,genre\n2,a\n")
+    assert f"{items}: missing column(s) ['item']" in _err(load_interaction_log, log, item_features=items)
+    items = _write(tmp_path / "items2.csv", "item,genre\n2,a\n3,b\n2,c\n")
+    msg = _err(load_interaction_log, log, item_features=items)
+    assert f"{items}, line 4: item id '2' is listed again (first at line 2)" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# empty files, unknown layouts
+
+
+def test_empty_files(tmp_path):
+    d = _udata(tmp_path / "a", "")
+    assert "u.data: the file has no data lines" in _err(load_movielens_100k, d)
+    d = _udata(tmp_path / "b", "\n\n")
+    assert "u.data: the file has no data lines" in _err(load_movielens_100k, d)
+    p = _write(tmp_path / "empty.txt", "")
+    assert f"{p}: the file is empty" in _err(load_dataset, str(p))
+    p = _write(tmp_path / "only_header.csv", "user,item,timestamp\n")
+    assert "has a header but no data lines" in _err(load_interaction_log, p)
+    p = _write(tmp_path / "nothing.csv", "")
+    assert f"{p}: the file is empty" in _err(load_interaction_log, p)
+
+
+def test_directory_with_no_known_format(tmp_path):
+    _write(tmp_path / "README.txt", "hello")
+    msg = _err(load_dataset, str(tmp_path))
+    assert f"{tmp_path}: no known dataset format" in msg
+    assert "u.data" in msg and "ratings.dat" in msg and "ratings.csv" in msg and "README.txt" in msg
+
+
+def test_unknown_name_or_missing_path():
+    msg = _err(load_dataset, "ml-7m")
+    assert "'ml-7m' is not a known dataset (ml-100k, ml-1m" in msg and "existing file" in msg
+
+
+def test_file_of_unknown_layout(tmp_path):
+    p = _write(tmp_path / "notes.txt", "hello world\n")
+    assert f"{p}, line 1: cannot tell the format" in _err(detect_format, p)
+
+
+# --------------------------------------------------------------------------------------------
+# filtered and reported, or errors with strict=True
+
+
+def test_short_users_reported_or_strict(tmp_path):
+    d = _udata(tmp_path, GOOD + "3\t10\t5\t104\n4\t10\t5\t105\n")
+    ds = load_movielens_100k(d)
+    assert ds.n_users == 2 and ds.n_events == 4
+    assert "removed 2 users with fewer than 2 events (2 events)" in "\n".join(ds.report)
+    msg = _err(load_movielens_100k, d, strict=True)
+    assert "u.data: user 3 has 1 event(s); expected at least 2 per user (and 1 more such users)" in msg
+    ds = load_movielens_100k(d, min_user_events=1)
+    assert ds.n_users == 4 and not any("removed" in r for r in ds.report)
+
+
+def test_duplicate_events_reported_or_strict(tmp_path):
+    d = _udata(tmp_path, GOOD + "1\t11\t2\t101\n2\t10\t3\t102\n")
+    ds = load_movielens_100k(d)
+    assert ds.n_events == 4
+    assert any("removed 2 duplicate events (same user, item and timestamp" in r for r in ds.report)
+    # the first copy is kept: user 1's item 11 keeps rating 4, not the later 2
+    assert ds.events.filter((pl.col("user") == 0) & (pl.col("ts") == 101))["rating"].item() == 4.0
+    msg = _err(load_movielens_100k, d, strict=True)
+    assert "u.data, line 5: duplicate event (user 1, item 11, timestamp 101) already on line 2" in msg
+
+
+def test_sequence_line_without_items_is_a_short_user(tmp_path):
+    p = _write(tmp_path / "seq.txt", "1 2 3\n2\n3 4 5\n")
+    ds = load_sequences(p)
+    assert ds.n_users == 2 and any("removed 1 users with fewer than 2 events" in r for r in ds.report)
+    assert "1 user(s) have no events" in _err(load_sequences, p, strict=True)
+
+
+def test_nothing_left_after_filtering(tmp_path):
+    d = _udata(tmp_path, "1\t10\t5\t100\n2\t10\t5\t100\n")
+    assert "no user has at least 2 events; nothing to load" in _err(load_movielens_100k, d)
+
+
+def test_bad_options(tmp_path):
+    p = _write(tmp_path / "seq.txt", "1 2 3\n")
+    with pytest.raises(ValueError, match="min_user_events must be >= 1, got 0"):
+        load_dataset(str(p), min_user_events=0)
+    with pytest.raises(ValueError, match="layout must be 'auto', 'lines' or 'pairs', got 'rows'"):
+        load_dataset(str(p), layout="rows")
+    with pytest.raises(ValueError, match="format must be one of"):
+        load_dataset(str(p), format="xml")
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI turns all of it into a clean message and exit code 2
+
+
+@pytest.mark.parametrize(
+    "files, expect",
+    [
+        ({"u.data": "1\t2\n"}, "line 1: expected 4 fields"),
+        ({"ratings.csv": "a,b\n1,2\n"}, "line 1: expected the header"),
+        ({"notes.md": "x"}, "no known dataset format"),
+    ],
+)
+def test_cli_bad_input_exit_2(tmp_path, files, expect):
+    from cascade.cli import app
+
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    r = CliRunner().invoke(app, ["data", "describe", "--data", str(tmp_path)])
+    assert r.exit_code == 2
+    assert r.output.startswith("error: ") and expect in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_bad_format_option(tmp_path):
+    from cascade.cli import app
+
+    r = CliRunner().invoke(app, ["data", "describe", "--data", str(tmp_path), "--format", "xml"])
+    assert r.exit_code == 2 and "--format must be 'table' or 'json', got 'xml'" in r.output

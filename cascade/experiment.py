@@ -89,7 +89,8 @@ class StageSpec:
 
     @property
     def display(self) -> str:
-        return self.label or self.stage
+        """The variant label: `label`, else the stage name ('module:Class' -> 'Class')."""
+        return self.label or self.stage.rsplit(":", 1)[-1]
 
     @classmethod
     def parse(cls, value: Any, where: str) -> "StageSpec":
@@ -813,6 +814,6 @@ def _report_writer(say: Callable[[str], None]) -> Callable[[Path], None] | None:
         try:
             write_report(folder)
         except Exception as e:  # noqa: BLE001 - the metrics are written; say what is missing
-            say(f"[yellow]report.md not written: {type(e).__name__}: {e}[/yellow]")
+            say(f"warning: report.md not written: {type(e).__name__}: {e}")
 
     return finish

@@ -1,0 +1,250 @@
+"""`cascade run`: train (or load) the funnel's stages, replay the test traffic, print the funnel.
+
+    cascade run --data ml-100k --esr gesr --esr-baseline twotower
+    cascade run --config experiments/configs/ml100k.toml --seed 1
+
+Command-line flags override the TOML. The table has one column per ESR variant and, with a
+baseline, the paired delta (variant - baseline) with its bootstrap 95% interval.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cascade.data.dataset import DataError
+from cascade.stages.base import StageError
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ms(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def _delta(c: dict | None) -> str:
+    if not c or c.get("delta") is None:
+        return ""
+    lo, hi = c["ci95"]
+    sig = lo is not None and hi is not None and (lo > 0 or hi < 0)
+    text = f"{c['delta']:+.4f} ({lo:+.3f}, {hi:+.3f})"
+    return f"[bold]{text}[/bold]" if sig else text
+
+
+def funnel_table(metrics: dict) -> Table:
+    """The funnel of a run's metrics.json as a rich table: one column per ESR variant and, with
+    a baseline, the paired delta with its 95% interval (bold when it excludes 0)."""
+    labels = list(metrics["variants"])
+    primary, baseline = metrics.get("primary"), metrics.get("baseline")
+    order = [x for x in (primary, baseline) if x in labels] + [
+        x for x in labels if x not in (primary, baseline)
+    ]
+    comp = metrics.get("comparison") or {}
+    data = metrics["data"]
+    title = (
+        f"{metrics.get('name', '')}: {data['n_requests']:,} test requests, "
+        f"budgets {metrics['budgets']['retrieval']} -> {metrics['budgets']['esr']} -> "
+        f"{metrics['budgets']['final']}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    for label in order:
+        table.add_column(label + (" (base)" if label == baseline else ""), justify="right")
+    if comp:
+        table.add_column("Δ (95% CI)", justify="right", no_wrap=True)
+    v = {label: metrics["variants"][label] for label in order}
+    first = v[order[0]]
+    comp_for_stage = {"esr": comp.get("recall@esr"), "lsr": comp.get("recall@final")}
+
+    def row(name: str, values: list[str], delta: str = "", end_section: bool = False) -> None:
+        table.add_row(name, *values, *([delta] if comp else []), end_section=end_section)
+
+    stages = first["stages"]
+    for i, s in enumerate(stages):
+        row(
+            f"recall@{s['k']} {s['name']}",
+            [_fmt(v[x]["stages"][i]["recall"]) for x in order],
+            _delta(comp_for_stage.get(s["name"])),
+        )
+    for i, s in enumerate(stages):
+        row(
+            f"survival {s['name']}",
+            [_fmt(v[x]["stages"][i]["survival"]) for x in order],
+            end_section=i == len(stages) - 1,
+        )
+    for name, key in (("HR@10", "hr@10"), ("NDCG@10", "ndcg@10"), ("MRR", "mrr")):
+        row(
+            f"final {name}",
+            [_fmt(v[x]["final"][key]) for x in order],
+            _delta(comp.get(key)),
+            end_section=key == "mrr",
+        )
+    if first.get("consistency@10") is not None:
+        row("ESR-LSR consistency@10", [_fmt(v[x]["consistency@10"]) for x in order])
+        row(
+            "funnel loss NDCG@10",
+            [_fmt((v[x].get("funnel_loss") or {}).get("ndcg@10")) for x in order],
+            end_section=True,
+        )
+    for i, s in enumerate(stages):
+        for p in ("p50", "p95", "p99"):
+            row(f"{s['name']} {p} ms/batch", [_ms(v[x]["stages"][i]["latency_ms"][p]) for x in order])
+    for p in ("p50", "p95", "p99"):
+        row(f"funnel {p} ms/batch", [_ms(v[x]["funnel_latency_ms"][p]) for x in order])
+    row(
+        "funnel p50 ms/request",
+        [_ms(v[x]["funnel_latency_per_request_ms"]["p50"]) for x in order],
+    )
+    row("throughput requests/s", [_fmt(v[x]["throughput_rps"], 1) for x in order])
+    return table
+
+
+def reference_table(metrics: dict) -> Table | None:
+    ref = metrics.get("reference")
+    if not ref:
+        return None
+    table = Table(title="reference points (no funnel: every catalogue item scored)", title_justify="left")
+    for c in ("", "HR@10", "NDCG@10", "MRR"):
+        table.add_column(c, justify="right" if c else "left")
+    for name, key in (("LSR, full catalogue", "lsr_full_catalogue"), ("most popular", "most_popular")):
+        r = ref.get(key) or {}
+        table.add_row(name, _fmt(r.get("hr@10")), _fmt(r.get("ndcg@10")), _fmt(r.get("mrr")))
+    for label, v in metrics["variants"].items():
+        ratio = v.get("vs_lsr_full_catalogue")
+        if ratio:
+            table.add_row(
+                f"funnel ({label}) / LSR full",
+                *(f"{ratio[m]:.1%}" if ratio.get(m) is not None else "-" for m in ("hr@10", "ndcg@10", "mrr")),
+            )
+    return table
+
+
+def _stage_override(old, stage: str | None):
+    """A CLI stage name replaces the TOML's spec, keeping its config when the stage is the same."""
+    from cascade.experiment import StageSpec
+
+    if stage is None:
+        return old
+    if old is not None and old.stage == stage:
+        return old
+    return StageSpec(stage=stage)
+
+
+def build_config(
+    config: Path | None,
+    overrides: dict[str, Any],
+):
+    """The RunConfig from an optional TOML file plus command-line overrides (None = not given)."""
+    from cascade.data.splits import SplitConfig
+    from cascade.experiment import RunConfig
+    import dataclasses
+
+    cfg = RunConfig.load(config) if config is not None else RunConfig()
+    ch: dict[str, Any] = {}
+    o = {k: v for k, v in overrides.items() if v is not None}
+    if "esr" in o or "esr_baseline" in o:
+        if cfg.esr_variants:  # explicit ESRs on the command line replace the TOML's variants
+            ch["esr_variants"] = ()
+        ch["esr"] = _stage_override(cfg.esr, o.pop("esr", None))
+        ch["esr_baseline"] = _stage_override(cfg.esr_baseline, o.pop("esr_baseline", None))
+    for k in ("retrieval", "lsr"):
+        if k in o:
+            ch[k] = _stage_override(getattr(cfg, k), o.pop(k))
+    split_changes = {}
+    if "split" in o:
+        split_changes["kind"] = o.pop("split")
+    if "max_requests" in o:
+        split_changes["max_requests"] = o.pop("max_requests")
+    if split_changes:
+        ch["split"] = dataclasses.replace(cfg.split, **split_changes)
+    for k in ("out", "cache_dir"):
+        if k in o:
+            o[k] = str(o[k])
+    ch.update(o)
+    try:
+        return dataclasses.replace(cfg, **ch)
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e)) from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        config: Annotated[Optional[Path], typer.Option("--config", help="RunConfig TOML file (flags override it).")] = None,
+        data: Annotated[Optional[str], typer.Option(help="ml-100k, ml-1m, ..., a path, or synthetic[:tiny|small|medium|large] (default synthetic).")] = None,
+        split: Annotated[Optional[str], typer.Option(help="loo (leave-one-out) or temporal.")] = None,
+        esr: Annotated[Optional[str], typer.Option(help="Early-stage ranker: twotower (default), gesr, popular, or package.module:Class.")] = None,
+        esr_baseline: Annotated[Optional[str], typer.Option(help="A second ESR on the same candidates; adds paired deltas with 95% CIs.")] = None,
+        retrieval: Annotated[Optional[str], typer.Option(help="Retrieval stage (default twotower) or package.module:Class.")] = None,
+        lsr: Annotated[Optional[str], typer.Option(help="Late-stage ranker (default lsr) or package.module:Class.")] = None,
+        retrieval_k: Annotated[Optional[int], typer.Option(help="Candidates retrieval passes on (default: ~15% of the catalogue, 50..1000).")] = None,
+        esr_k: Annotated[Optional[int], typer.Option(help="Candidates the ESR passes on (default: ~retrieval/4).")] = None,
+        final_k: Annotated[Optional[int], typer.Option(help="Length of the final list (default 10).")] = None,
+        index: Annotated[Optional[str], typer.Option(help="FAISS index_factory string for retrieval: Flat, IVF256,Flat, HNSW32, ...")] = None,
+        device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Seed for training and sampling.")] = None,
+        max_len: Annotated[Optional[int], typer.Option(help="History events per request the stages see (default 50).")] = None,
+        max_requests: Annotated[Optional[int], typer.Option(help="Cap on validation and test requests (seeded sample).")] = None,
+        batch_size: Annotated[Optional[int], typer.Option(help="Replay batch size (default 256).")] = None,
+        out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<time>-<name>).")] = None,
+        name: Annotated[Optional[str], typer.Option(help="Run name.")] = None,
+        cache_dir: Annotated[Optional[Path], typer.Option(help="Trained-stage cache (default $CASCADE_CACHE_DIR or ~/.cache/cascade/models).")] = None,
+        retrain: Annotated[bool, typer.Option("--retrain", help="Ignore cached checkpoints and train again.")] = False,
+        no_oracle: Annotated[bool, typer.Option("--no-oracle", help="Skip the LSR pass over every retrieved candidate.")] = False,
+        no_reference: Annotated[bool, typer.Option("--no-reference", help="Skip the full-catalogue LSR and most-popular reference points.")] = False,
+        no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars or log lines.")] = False,
+    ) -> None:
+        """Train (or load) retrieval, the ESR(s) and the LSR, replay the test traffic through the
+        funnel, print recall through it and per-stage latency, and save the run folder."""
+        from cascade.experiment import run_experiment
+
+        # like `python -m`, let 'module:Class' plugins be found in the current directory
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        console = Console()
+        try:
+            cfg = build_config(
+                config,
+                dict(
+                    data=data, split=split, esr=esr, esr_baseline=esr_baseline,
+                    retrieval=retrieval, lsr=lsr, retrieval_k=retrieval_k, esr_k=esr_k,
+                    final_k=final_k, index=index, device=device, seed=seed, max_len=max_len,
+                    max_requests=max_requests, batch_size=batch_size, out=out, name=name,
+                    cache_dir=cache_dir, retrain=retrain or None,
+                    oracle=False if no_oracle else None,
+                    reference=False if no_reference else None,
+                ),
+            )
+
+            def log(msg: str) -> None:
+                # the budgets are part of the result: printed even with --no-progress
+                if msg.startswith("budgets:"):
+                    console.print(escape(msg), soft_wrap=True)
+                elif not no_progress:
+                    console.print(f"[dim]{escape(msg)}[/dim]", soft_wrap=True)
+
+            result = run_experiment(cfg, progress=not no_progress, log=log)
+        except (DataError, StageError, ValueError) as e:
+            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        console.print(funnel_table(result.metrics))
+        ref = reference_table(result.metrics)
+        if ref is not None:
+            console.print(ref)
+        if result.path is not None:
+            console.print(f"saved to [bold]{escape(str(result.path))}[/bold]", soft_wrap=True)

@@ -22,7 +22,10 @@ def _distribution(counts: np.ndarray) -> dict[str, float]:
     if counts.size == 0:
         return {"mean": 0.0, **{_pname(p): 0 for p in PERCENTILES}}
     qs = np.percentile(counts, PERCENTILES, method="nearest")
-    return {"mean": round(float(counts.mean()), 3), **{_pname(p): int(q) for p, q in zip(PERCENTILES, qs)}}
+    return {
+        "mean": round(float(counts.mean()), 3),
+        **{_pname(p): int(q) for p, q in zip(PERCENTILES, qs)},
+    }
 
 
 def _pname(p: int) -> str:
@@ -117,12 +120,21 @@ def render(desc: dict[str, Any]):
     cols = ["min", "p25", "p50", "p75", "p90", "p99", "max", "mean"]
     for c in cols:
         dist.add_column(c, justify="right")
-    for label, key in (("events per user (history length)", "history_length"), ("events per item (popularity)", "item_popularity")):
+    for label, key in (
+        ("events per user (history length)", "history_length"),
+        ("events per item (popularity)", "item_popularity"),
+    ):
         d = desc[key]
         dist.add_row(label, *[f"{d[c]:,}" if c != "mean" else f"{d[c]:,.1f}" for c in cols])
 
     feats = Table(title="features", title_justify="left")
-    for c, j in (("entity", "left"), ("feature", "left"), ("kind", "left"), ("values", "right"), ("coverage", "right")):
+    for c, j in (
+        ("entity", "left"),
+        ("feature", "left"),
+        ("kind", "left"),
+        ("values", "right"),
+        ("coverage", "right"),
+    ):
         feats.add_column(c, justify=j)
     for entity in ("items", "users"):
         for f in desc["features"][entity]:
@@ -132,7 +144,9 @@ def render(desc: dict[str, Any]):
 
     parts = [head, dist, feats]
     if desc["report"]:
-        rep = Table(title="loader report (filtered / derived)", title_justify="left", show_header=False)
+        rep = Table(
+            title="loader report (filtered / derived)", title_justify="left", show_header=False
+        )
         rep.add_column()
         for line in desc["report"]:
             rep.add_row(line)

@@ -42,7 +42,9 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
         KnownDataset("ml-100k", "ml-100k.zip", "ml-100k", "u.data", "5 MB"),
         KnownDataset("ml-1m", "ml-1m.zip", "ml-1m", "ratings.dat", "6 MB"),
         KnownDataset("ml-10m", "ml-10m.zip", "ml-10M100K", "ratings.dat", "63 MB"),
-        KnownDataset("ml-latest-small", "ml-latest-small.zip", "ml-latest-small", "ratings.csv", "1 MB"),
+        KnownDataset(
+            "ml-latest-small", "ml-latest-small.zip", "ml-latest-small", "ratings.csv", "1 MB"
+        ),
         KnownDataset("ml-latest", "ml-latest.zip", "ml-latest", "ratings.csv", "335 MB"),
         KnownDataset("ml-25m", "ml-25m.zip", "ml-25m", "ratings.csv", "250 MB"),
         KnownDataset("ml-32m", "ml-32m.zip", "ml-32m", "ratings.csv", "239 MB"),
@@ -116,9 +118,7 @@ def dataset_dir(
             raise DataError(f"{url} is not a valid zip archive ({e}). {manual}") from None
         unpacked = tmp_dir / info.folder
         if not (unpacked / info.marker).is_file():
-            raise DataError(
-                f"the archive from {url} has no {info.folder}/{info.marker}. {manual}"
-            )
+            raise DataError(f"the archive from {url} has no {info.folder}/{info.marker}. {manual}")
         os.replace(unpacked, target)
     finally:
         tmp_zip.unlink(missing_ok=True)

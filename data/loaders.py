@@ -152,7 +152,7 @@ def _kind(dtype: pl.DataType) -> str:
 
 
 def _more(n: int, what: str = "line") -> str:
-    return f" (and {n} more such {what}s)" if n > 0 else ""
+    return f" (and {n} more such {what}{'s' if n > 1 else ''})" if n > 0 else ""
 
 
 def _read_fields(
@@ -251,7 +251,11 @@ class _RawFeatures:
 def _id_map(col: pl.Series) -> pl.DataFrame:
     """Sorted unique raw ids -> contiguous `idx`."""
     return (
-        col.unique().sort().to_frame("id").with_row_index("idx").with_columns(pl.col("idx").cast(pl.Int64))
+        col.unique()
+        .sort()
+        .to_frame("id")
+        .with_row_index("idx")
+        .with_columns(pl.col("idx").cast(pl.Int64))
     )
 
 
@@ -272,13 +276,16 @@ def _encode_features(
     if dup.height:
         first = dup.filter(pl.col("id") == dup["id"][0])
         rows = [int(r) for r in first["_r"]]
+        again, first_at = _where(f, raw.file, rows[1]), _where(f, raw.file, rows[0])
         raise DataError(
-            f"{_where(f, raw.file, rows[1])}: {what} id {dup['id'][0]!r} is listed again "
-            f"(first at {_where(f, raw.file, rows[0]).split(', ')[-1]}); expected one row per {what}"
+            f"{again}: {what} id {dup['id'][0]!r} is listed again (first at "
+            f"{first_at.split(', ')[-1]}); expected one row per {what}"
         )
     joined = (
         ids.with_columns(pl.col("id").cast(pl.String))
-        .join(f.with_columns(pl.lit(True).alias("_has")), on="id", how="left", maintain_order="left")
+        .join(
+            f.with_columns(pl.lit(True).alias("_has")), on="id", how="left", maintain_order="left"
+        )
         .sort("idx")
     )
     matched = int(joined["_has"].sum() or 0)
@@ -325,7 +332,9 @@ def _encode_features(
         multi[c] = codes
         cardinality[c] = len(values) + 1
         vocab[c] = ["<pad>", *values]
-    return FeatureTable(n=n, categorical=categorical, multi=multi, cardinality=cardinality, vocab=vocab)
+    return FeatureTable(
+        n=n, categorical=categorical, multi=multi, cardinality=cardinality, vocab=vocab
+    )
 
 
 def _assemble(
@@ -362,7 +371,9 @@ def _assemble(
         if strict:
             d = events.filter(~first).row(0, named=True)
             orig = events.filter(
-                (pl.col("user") == d["user"]) & (pl.col("item") == d["item"]) & (pl.col("ts") == d["ts"])
+                (pl.col("user") == d["user"])
+                & (pl.col("item") == d["item"])
+                & (pl.col("ts") == d["ts"])
             )[loc][0]
             raise DataError(
                 f"{file}, {where} {d[loc]}: duplicate event (user {d['user']!r}, item "
@@ -403,8 +414,18 @@ def _assemble(
     user_ids = _id_map(events["user"])
     item_ids = _id_map(events["item"])
     mapped = (
-        events.join(user_ids.rename({"id": "user", "idx": "_u"}), on="user", how="left", maintain_order="left")
-        .join(item_ids.rename({"id": "item", "idx": "_i"}), on="item", how="left", maintain_order="left")
+        events.join(
+            user_ids.rename({"id": "user", "idx": "_u"}),
+            on="user",
+            how="left",
+            maintain_order="left",
+        )
+        .join(
+            item_ids.rename({"id": "item", "idx": "_i"}),
+            on="item",
+            how="left",
+            maintain_order="left",
+        )
         .select(
             pl.col("_u").alias("user"),
             pl.col("_i").alias("item"),
@@ -482,21 +503,31 @@ def load_movielens_100k(
     """MovieLens 100k from its directory (or its `u.data`): ratings, genres, year, user info."""
     d = _dir_of(path, "u.data")
     ratings = _read_fields(
-        d / "u.data", "\t", {"user": pl.Int64, "item": pl.Int64, "rating": pl.Float32, "ts": pl.Int64}
+        d / "u.data",
+        "\t",
+        {"user": pl.Int64, "item": pl.Int64, "rating": pl.Float32, "ts": pl.Int64},
     )
     report = [_ACTION_NOTE]
     items = None
     if (d / "u.item").is_file():
         genres = ML100K_GENRES
         if (d / "u.genre").is_file():
-            g = _read_fields(d / "u.genre", "|", {"genre": pl.String, "flag": pl.Int64}, encoding="latin-1")
+            g = _read_fields(
+                d / "u.genre", "|", {"genre": pl.String, "flag": pl.Int64}, encoding="latin-1"
+            )
             genres = g.sort("flag")["genre"].to_list()
         flags = [f"g{j}" for j in range(len(genres))]
         meta = _read_fields(
             d / "u.item",
             "|",
-            {"id": pl.Int64, "title": pl.String, "release": pl.String, "video": pl.String,
-             "url": pl.String, **{f: pl.Int8 for f in flags}},  # fmt: skip
+            {
+                "id": pl.Int64,
+                "title": pl.String,
+                "release": pl.String,
+                "video": pl.String,
+                "url": pl.String,
+                **{f: pl.Int8 for f in flags},
+            },  # fmt: skip
             encoding="latin-1",
         )
         _check_flags(meta, flags, d / "u.item")
@@ -514,7 +545,8 @@ def load_movielens_100k(
         report.append(f"genre: the {len(genres)} genre flags of u.item (multi-valued)")
         report.append(
             "year: release year from u.item's release date (categorical, exact year"
-            + _n_unknown(frame, "year") + ")"
+            + _n_unknown(frame, "year")
+            + ")"
         )
     else:
         report.append(f"no u.item in {d}: items have no features")
@@ -523,11 +555,19 @@ def load_movielens_100k(
         u = _read_fields(
             d / "u.user",
             "|",
-            {"id": pl.Int64, "age": pl.Int64, "gender": pl.String, "occupation": pl.String, "zip": pl.String},
+            {
+                "id": pl.Int64,
+                "age": pl.Int64,
+                "gender": pl.String,
+                "occupation": pl.String,
+                "zip": pl.String,
+            },
             encoding="latin-1",
         )
         users = _RawFeatures(
-            u.select("_line", "id", _age_bucket(pl.col("age")).alias("age"), "gender", "occupation"),
+            u.select(
+                "_line", "id", _age_bucket(pl.col("age")).alias("age"), "gender", "occupation"
+            ),
             str(d / "u.user"),
             categorical=["age", "gender", "occupation"],
             vocab={"age": AGE_BUCKETS},
@@ -567,19 +607,27 @@ def load_movielens_dat(
     """MovieLens 1M / 10M from its directory (or its `ratings.dat`), `::`-separated."""
     d = _dir_of(path, "ratings.dat")
     ratings = _read_fields(
-        d / "ratings.dat", "::", {"user": pl.Int64, "item": pl.Int64, "rating": pl.Float32, "ts": pl.Int64}
+        d / "ratings.dat",
+        "::",
+        {"user": pl.Int64, "item": pl.Int64, "rating": pl.Float32, "ts": pl.Int64},
     )
     report = [_ACTION_NOTE]
     items = None
     if (d / "movies.dat").is_file():
         m = _read_fields(
-            d / "movies.dat", "::", {"id": pl.Int64, "title": pl.String, "genres": pl.String}, encoding="auto"
+            d / "movies.dat",
+            "::",
+            {"id": pl.Int64, "title": pl.String, "genres": pl.String},
+            encoding="auto",
         )
-        items = _RawFeatures(_movies_frame(m), str(d / "movies.dat"), categorical=["year"], multi=["genre"])
+        items = _RawFeatures(
+            _movies_frame(m), str(d / "movies.dat"), categorical=["year"], multi=["genre"]
+        )
         report.append("genre: the |-joined genres of movies.dat (multi-valued)")
         report.append(
             "year: release year from the title in movies.dat (categorical, exact year"
-            + _n_unknown(items.frame, "year") + ")"
+            + _n_unknown(items.frame, "year")
+            + ")"
         )
     else:
         report.append(f"no movies.dat in {d}: items have no features")
@@ -588,7 +636,13 @@ def load_movielens_dat(
         u = _read_fields(
             d / "users.dat",
             "::",
-            {"id": pl.Int64, "gender": pl.String, "age": pl.Int64, "occupation": pl.Int64, "zip": pl.String},
+            {
+                "id": pl.Int64,
+                "gender": pl.String,
+                "age": pl.Int64,
+                "occupation": pl.Int64,
+                "zip": pl.String,
+            },
         )
         occ = {i: v for i, v in enumerate(ML1M_OCCUPATIONS)}
         users = _RawFeatures(
@@ -640,11 +694,16 @@ def load_movielens_csv(
     if movies_file.is_file():
         m = _read_csv_strings(movies_file, required=ML_CSV_MOVIES_HEADER)
         m = _cast_column(m, "movieId", pl.Int64, str(movies_file)).rename({"movieId": "id"})
-        items = _RawFeatures(_movies_frame(m), str(movies_file), categorical=["year"], multi=["genre"])
-        report.append(f"genre: the |-joined genres of movies.csv (multi-valued; {_NO_GENRES!r} = none)")
+        items = _RawFeatures(
+            _movies_frame(m), str(movies_file), categorical=["year"], multi=["genre"]
+        )
+        report.append(
+            f"genre: the |-joined genres of movies.csv (multi-valued; {_NO_GENRES!r} = none)"
+        )
         report.append(
             "year: release year from the title in movies.csv (categorical, exact year"
-            + _n_unknown(items.frame, "year") + ")"
+            + _n_unknown(items.frame, "year")
+            + ")"
         )
     else:
         report.append(f"no movies.csv in {d}: items have no features")
@@ -720,11 +779,16 @@ def load_sequences(
                 f"{_line_text(p, line)!r}"
             )
         events = tokens.pivot(on="pos", index="_line", values="val").select(
-            "_line", pl.col("0").alias("user"), pl.col("1").alias("item"), pl.col("_line").alias("ts")
+            "_line",
+            pl.col("0").alias("user"),
+            pl.col("1").alias("item"),
+            pl.col("_line").alias("ts"),
         )
         report.append("timestamps: line numbers (the pairs format has no clock)")
     else:
-        heads = tokens.filter(pl.col("pos") == 0).select("_line", pl.col("val").alias("user"), "_nt")
+        heads = tokens.filter(pl.col("pos") == 0).select(
+            "_line", pl.col("val").alias("user"), "_nt"
+        )
         again = heads.filter(pl.col("user").is_duplicated())
         if again.height:
             u = again["user"][0]
@@ -771,7 +835,9 @@ def _read_csv_strings(path: Path, *, required: Sequence[str], separator: str = "
     """A CSV with a header, every column as text, plus `_line`; checks the required columns."""
     header = _first_line(path)
     if not header.strip():
-        raise DataError(f"{path}: the file is empty; expected a header line with columns {list(required)}")
+        raise DataError(
+            f"{path}: the file is empty; expected a header line with columns {list(required)}"
+        )
     try:
         df = pl.read_csv(path, infer_schema=False, separator=separator, raise_if_empty=False)
     except pl.exceptions.PolarsError as e:
@@ -820,7 +886,11 @@ def _loc(df: pl.DataFrame, file: str, mask: pl.Series) -> tuple[str, int]:
 def _cast_column(df: pl.DataFrame, col: str, dtype: pl.DataType, file: str) -> pl.DataFrame:
     """Cast a text column; the first value that fails names its line."""
     src = df[col]
-    out = src.str.strip_chars().cast(dtype, strict=False) if src.dtype == pl.String else src.cast(dtype, strict=False)
+    out = (
+        src.str.strip_chars().cast(dtype, strict=False)
+        if src.dtype == pl.String
+        else src.cast(dtype, strict=False)
+    )
     bad = out.is_null() & src.is_not_null()
     empty = src.is_null() | ((src.str.strip_chars() == "") if src.dtype == pl.String else False)
     fail = bad | empty
@@ -828,7 +898,8 @@ def _cast_column(df: pl.DataFrame, col: str, dtype: pl.DataType, file: str) -> p
         where, n = _loc(df, file, fail)
         value = src.filter(fail)[0]
         raise DataError(
-            f"{where}, column {col!r}: expected {_kind(dtype)}, found {value!r}" + _more(n - 1, "value")
+            f"{where}, column {col!r}: expected {_kind(dtype)}, found {value!r}"
+            + _more(n - 1, "value")
         )
     return df.with_columns(out.alias(col))
 
@@ -840,14 +911,20 @@ def _ids(df: pl.DataFrame, col: str, file: str) -> pl.Series:
     if s.dtype in _INT_TYPES:
         if s.null_count():
             where, n = _loc(df, file, s.is_null())
-            raise DataError(f"{where}, column {col!r}: expected an id, found an empty value" + _more(n - 1, "value"))
+            raise DataError(
+                f"{where}, column {col!r}: expected an id, found an empty value"
+                + _more(n - 1, "value")
+            )
         return s.cast(pl.Int64)
     if s.dtype in (pl.String, pl.Categorical, pl.Enum):
         s = s.cast(pl.String).str.strip_chars()
         empty = s.is_null() | (s == "")
         if empty.any():
             where, n = _loc(df, file, empty)
-            raise DataError(f"{where}, column {col!r}: expected an id, found an empty value" + _more(n - 1, "value"))
+            raise DataError(
+                f"{where}, column {col!r}: expected an id, found an empty value"
+                + _more(n - 1, "value")
+            )
         as_int = s.cast(pl.Int64, strict=False)
         return as_int if as_int.null_count() == 0 else s
     raise DataError(f"{file}, column {col!r}: expected integer or text ids, found type {s.dtype}")
@@ -882,10 +959,11 @@ def _timestamps(df: pl.DataFrame, col: str, file: str, report: list[str]) -> pl.
     fail = out.is_null()
     if fail.any():
         where, n = _loc(df, file, fail)
+        given = df[col].drop_nulls()
+        like = str(given[0]) if given.len() else ""
         raise DataError(
-            f"{where}, column {col!r}: expected a timestamp (integer, number or date/time "
-            f"like the first value {str(df[col].drop_nulls()[0]) if df[col].drop_nulls().len() else ''!r}), "
-            f"found {df[col].filter(fail)[0]!r}" + _more(n - 1, "value")
+            f"{where}, column {col!r}: expected a timestamp (integer, number or date/time like "
+            f"the first value {like!r}), found {df[col].filter(fail)[0]!r}" + _more(n - 1, "value")
         )
     if kind == "float":
         if (out != out.floor()).any():
@@ -894,7 +972,9 @@ def _timestamps(df: pl.DataFrame, col: str, file: str, report: list[str]) -> pl.
     return out.cast(pl.Int64)
 
 
-def _read_table(path: Path, *, required: Sequence[str], separator: str | None) -> tuple[pl.DataFrame, bool]:
+def _read_table(
+    path: Path, *, required: Sequence[str], separator: str | None
+) -> tuple[pl.DataFrame, bool]:
     """A CSV (all text, with `_line`) or Parquet table (its own types). Returns (frame, is_csv)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -902,7 +982,9 @@ def _read_table(path: Path, *, required: Sequence[str], separator: str | None) -
         try:
             df = pl.read_parquet(path)
         except pl.exceptions.PolarsError as e:
-            raise DataError(f"{path}: could not read as Parquet: {str(e).splitlines()[0]}") from None
+            raise DataError(
+                f"{path}: could not read as Parquet: {str(e).splitlines()[0]}"
+            ) from None
         except OSError as e:
             raise DataError(f"{path}: could not read as Parquet: {e}") from None
         missing = [c for c in required if c not in df.columns]
@@ -915,7 +997,11 @@ def _read_table(path: Path, *, required: Sequence[str], separator: str | None) -
 
 
 def _feature_table(
-    source: str | Path | pl.DataFrame, id_col: str, what: str, separator: str | None, report: list[str]
+    source: str | Path | pl.DataFrame,
+    id_col: str,
+    what: str,
+    separator: str | None,
+    report: list[str],
 ) -> _RawFeatures:
     """Item or user features keyed by `id_col` (see the module docstring for column kinds)."""
     if isinstance(source, pl.DataFrame):
@@ -926,7 +1012,9 @@ def _feature_table(
         p = Path(source).expanduser()
         df, is_csv = _read_table(p, required=[id_col], separator=separator)
         file = str(p)
-    frame = df.select(*[c for c in ("_line",) if c in df.columns], _ids(df, id_col, file).alias("id"))
+    frame = df.select(
+        *[c for c in ("_line",) if c in df.columns], _ids(df, id_col, file).alias("id")
+    )
     cats: list[str] = []
     multi: list[str] = []
     cols: list[pl.Series] = []
@@ -945,7 +1033,10 @@ def _feature_table(
                 f"left out the numeric column {c!r} of {file}: feature tables hold categorical "
                 "codes (bucket it into integers or text to use it)"
             )
-        elif s.dtype in (pl.String, pl.Boolean, pl.Categorical, pl.Enum, pl.Date) or s.dtype in _INT_TYPES:
+        elif (
+            s.dtype in (pl.String, pl.Boolean, pl.Categorical, pl.Enum, pl.Date)
+            or s.dtype in _INT_TYPES
+        ):
             if is_csv and s.dtype == pl.String:
                 as_int = s.str.strip_chars().cast(pl.Int64, strict=False)
                 as_float = s.str.strip_chars().cast(pl.Float64, strict=False)
@@ -1015,8 +1106,16 @@ def load_interaction_log(
     if "_line" in df.columns:
         cols.append(df["_line"])
     events = pl.DataFrame(cols)
-    items = _feature_table(item_features, item_col, "item", separator, report) if item_features is not None else None
-    users = _feature_table(user_features, user_col, "user", separator, report) if user_features is not None else None
+    items = (
+        _feature_table(item_features, item_col, "item", separator, report)
+        if item_features is not None
+        else None
+    )
+    users = (
+        _feature_table(user_features, user_col, "user", separator, report)
+        if user_features is not None
+        else None
+    )
     if category_feature is None and items is not None and items.multi:
         category_feature = items.multi[0]
     if category_feature is not None and items is None:
@@ -1057,7 +1156,9 @@ def _resolve(path: str | Path) -> tuple[str, Path]:
             if (p / marker).is_file():
                 return fmt, p
         # an unzipped archive: the data sits one folder down
-        subs = sorted(s for s in p.iterdir() if s.is_dir() and any((s / m).is_file() for m, _ in _DIR_MARKERS))
+        subs = sorted(
+            s for s in p.iterdir() if s.is_dir() and any((s / m).is_file() for m, _ in _DIR_MARKERS)
+        )
         if len(subs) == 1:
             return _resolve(subs[0])
         found = sorted(x.name for x in p.iterdir())

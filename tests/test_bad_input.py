@@ -67,7 +67,7 @@ def test_non_numeric_timestamp_in_dat(tmp_path):
     _write(tmp_path / "ratings.dat", "1::10::5::100\n1::11::4::yesterday\n1::12::4::1e9\n")
     msg = _err(load_dataset, str(tmp_path))
     assert "ratings.dat, line 2, field 'ts'" in msg and "'yesterday'" in msg
-    assert "(and 1 more such lines)" in msg  # 1e9 is not an integer either
+    assert "(and 1 more such line)" in msg  # 1e9 is not an integer either
 
 
 def test_non_numeric_rating(tmp_path):
@@ -97,7 +97,9 @@ def test_csv_log_bad_timestamp_and_ragged_line(tmp_path):
 
 def test_csv_log_empty_id(tmp_path):
     p = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,100\n,3,101\n")
-    assert "line 3, column 'user': expected an id, found an empty value" in _err(load_interaction_log, p)
+    assert "line 3, column 'user': expected an id, found an empty value" in _err(
+        load_interaction_log, p
+    )
 
 
 def test_parquet_log_null_id_names_row(tmp_path):
@@ -111,7 +113,9 @@ def test_genre_flag_not_binary(tmp_path):
     flags = ["0"] * 19
     flags[3] = "2"
     _write(d / "u.item", "|".join(["10", "A (1990)", "01-Jan-1990", "", "u", *flags]) + "\n")
-    assert "u.item, line 1, genre flag 'g3': expected 0 or 1, found 2" in _err(load_movielens_100k, d)
+    assert "u.item, line 1, genre flag 'g3': expected 0 or 1, found 2" in _err(
+        load_movielens_100k, d
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +141,9 @@ def test_missing_column_in_log(tmp_path):
 def test_feature_table_missing_key_and_duplicate_id(tmp_path):
     log = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,3\n1,3,4\n")
     items = _write(tmp_path / "items.csv", "id,genre\n2,a\n")
-    assert f"{items}: missing column(s) ['item']" in _err(load_interaction_log, log, item_features=items)
+    assert f"{items}: missing column(s) ['item']" in _err(
+        load_interaction_log, log, item_features=items
+    )
     items = _write(tmp_path / "items2.csv", "item,genre\n2,a\n3,b\n2,c\n")
     msg = _err(load_interaction_log, log, item_features=items)
     assert f"{items}, line 4: item id '2' is listed again (first at line 2)" in msg
@@ -187,7 +193,9 @@ def test_short_users_reported_or_strict(tmp_path):
     assert ds.n_users == 2 and ds.n_events == 4
     assert "removed 2 users with fewer than 2 events (2 events)" in "\n".join(ds.report)
     msg = _err(load_movielens_100k, d, strict=True)
-    assert "u.data: user 3 has 1 event(s); expected at least 2 per user (and 1 more such users)" in msg
+    assert (
+        "u.data: user 3 has 1 event(s); expected at least 2 per user (and 1 more such user)" in msg
+    )
     ds = load_movielens_100k(d, min_user_events=1)
     assert ds.n_users == 4 and not any("removed" in r for r in ds.report)
 
@@ -200,13 +208,17 @@ def test_duplicate_events_reported_or_strict(tmp_path):
     # the first copy is kept: user 1's item 11 keeps rating 4, not the later 2
     assert ds.events.filter((pl.col("user") == 0) & (pl.col("ts") == 101))["rating"].item() == 4.0
     msg = _err(load_movielens_100k, d, strict=True)
-    assert "u.data, line 5: duplicate event (user 1, item 11, timestamp 101) already on line 2" in msg
+    assert (
+        "u.data, line 5: duplicate event (user 1, item 11, timestamp 101) already on line 2" in msg
+    )
 
 
 def test_sequence_line_without_items_is_a_short_user(tmp_path):
     p = _write(tmp_path / "seq.txt", "1 2 3\n2\n3 4 5\n")
     ds = load_sequences(p)
-    assert ds.n_users == 2 and any("removed 1 users with fewer than 2 events" in r for r in ds.report)
+    assert ds.n_users == 2 and any(
+        "removed 1 users with fewer than 2 events" in r for r in ds.report
+    )
     assert "1 user(s) have no events" in _err(load_sequences, p, strict=True)
 
 

@@ -30,6 +30,10 @@ from cascade.data.loaders import (
 )
 
 
+# k-means on a handful of fixture items finds fewer distinct clusters than asked: expected
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
 def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode(encoding))
@@ -49,7 +53,9 @@ def _item_values(ds, raw_item, feature: str) -> list[str]:
     """The decoded values of one item's feature."""
     idx = int(np.flatnonzero(ds.raw_item_ids == raw_item)[0])
     table = ds.items
-    codes = table.multi[feature][idx] if feature in table.multi else [table.categorical[feature][idx]]
+    codes = (
+        table.multi[feature][idx] if feature in table.multi else [table.categorical[feature][idx]]
+    )
     return [table.vocab[feature][c] for c in codes if c > 0]
 
 
@@ -107,7 +113,7 @@ def write_ml_csv(d: Path) -> Path:
     )
     _write(
         d / "movies.csv",
-        'movieId,title,genres\n1,Toy Story (1995),Adventure|Animation|Children\n'
+        "movieId,title,genres\n1,Toy Story (1995),Adventure|Animation|Children\n"
         '2,"American President, The (1995)",(no genres listed)\n'
         "3,Dekalog (1989-1990),Drama\n",
     )
@@ -152,7 +158,13 @@ def test_ml100k_real(ml100k_path):
     # every user's events ascend in time and `pos` counts them
     ev = ds.events
     assert ev.select((pl.col("ts").diff().over("user").fill_null(0) >= 0).all()).item()
-    assert ev.group_by("user").agg(pl.col("pos").max() + 1 == pl.len()).select(pl.all().exclude("user")).to_series().all()
+    assert (
+        ev.group_by("user")
+        .agg(pl.col("pos").max() + 1 == pl.len())
+        .select(pl.all().exclude("user"))
+        .to_series()
+        .all()
+    )
     assert np.bincount(ev["user"].to_numpy()).min() >= 20
     assert ev["rating"].sum() == pytest.approx(352_986.0)  # the sum of u.data's ratings
 
@@ -259,7 +271,9 @@ def test_generic_parquet_log_label_and_list_features(tmp_path):
             "click": [1, 0, 1, 1, 0],
         }
     ).write_parquet(p)
-    feats = pl.DataFrame({"item": [100, 200, 300], "cats": [["a"], ["b", "a"], []], "shop": ["s", "t", "s"]})
+    feats = pl.DataFrame(
+        {"item": [100, 200, 300], "cats": [["a"], ["b", "a"], []], "shop": ["s", "t", "s"]}
+    )
     ds = load_dataset(str(p), label_col="click", item_features=feats)
     assert _user_items(ds) == {5: [200, 100], 6: [100, 300, 200]}
     assert ds.events.filter(pl.col("user") == 0)["action"].to_list() == [-1, 1]
@@ -303,8 +317,19 @@ def _ml_zip(tmp_path: Path, name: str = "ml-latest-small") -> Path:
 
 def test_known_names_urls():
     assert dataset_url("ml-100k") == "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-    assert dataset_url("ml-10m").endswith("/ml-10m.zip") and KNOWN_DATASETS["ml-10m"].folder == "ml-10M100K"
-    assert set(KNOWN_DATASETS) == {"ml-100k", "ml-1m", "ml-10m", "ml-latest-small", "ml-latest", "ml-25m", "ml-32m"}
+    assert (
+        dataset_url("ml-10m").endswith("/ml-10m.zip")
+        and KNOWN_DATASETS["ml-10m"].folder == "ml-10M100K"
+    )
+    assert set(KNOWN_DATASETS) == {
+        "ml-100k",
+        "ml-1m",
+        "ml-10m",
+        "ml-latest-small",
+        "ml-latest",
+        "ml-25m",
+        "ml-32m",
+    }
 
 
 def test_download_from_file_url_then_cache(tmp_path, monkeypatch):
@@ -328,7 +353,9 @@ def test_download_from_local_http_server(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        with pytest.raises(DataError, match=r"could not download ml-latest-small from .*/nope\.zip: .*404"):
+        with pytest.raises(
+            DataError, match=r"could not download ml-latest-small from .*/nope\.zip: .*404"
+        ):
             dataset_dir("ml-latest-small", tmp_path / "c", url=f"{base}/nope.zip", progress=False)
         d = dataset_dir("ml-latest-small", tmp_path / "c", url=f"{base}/{z.name}")
     finally:
@@ -372,7 +399,9 @@ def test_describe_numbers(tmp_path):
     assert (d["users"], d["items"], d["events"]) == (2, 3, 5)
     assert d["density"] == pytest.approx(5 / 6)
     assert d["history_length"]["min"] == 2 and d["history_length"]["max"] == 3
-    assert d["item_popularity"]["max"] == 2 and d["item_popularity"]["mean"] == pytest.approx(5 / 3, abs=1e-3)
+    assert d["item_popularity"]["max"] == 2 and d["item_popularity"]["mean"] == pytest.approx(
+        5 / 3, abs=1e-3
+    )
     assert d["actions"] == {"positive": 2, "neutral": 1, "negative": 2}
     genre = next(f for f in d["features"]["items"] if f["name"] == "genre")
     assert genre["values"] == 4 and genre["kind"].startswith("multi-valued")  # not 99's genres
@@ -408,4 +437,16 @@ def test_cli_describe_bad_directory(tmp_path):
     r = CliRunner().invoke(_cli(), ["data", "describe", "--data", str(tmp_path)])
     assert r.exit_code == 2
     assert "error:" in r.output and "no known dataset format" in r.output
-    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    assert (
+        "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    )
+
+
+def test_windows_line_ends_and_header_bom(tmp_path):
+    d = tmp_path / "ml-latest-small"
+    _write(d / "ratings.csv", "\ufeffuserId,movieId,rating,timestamp\r\n1,1,4.0,5\r\n1,2,2.0,6\r\n")
+    _write(d / "movies.csv", "movieId,title,genres\r\n1,A (1990),Drama\r\n2,B (1991),Drama|War\r\n")
+    ds = load_dataset(str(d))
+    assert ds.events["ts"].to_list() == [5, 6] and _item_values(ds, 2, "genre") == ["Drama", "War"]
+    p = _write(tmp_path / "seq.txt", "1 5 6\r\n2 7 8\r\n")
+    assert _user_items(load_dataset(str(p))) == {1: [5, 6], 2: [7, 8]}

@@ -42,8 +42,10 @@ def describe(
         Optional[Path], typer.Option("--cache-dir", help="Where known datasets are kept.")
     ] = None,
 ) -> None:
-    """Users, items, events, density, history-length and popularity percentiles, features, and
-    what the loader filtered or derived."""
+    """Summarise a dataset: sizes, density, history-length and popularity percentiles,
+    features, and what the loader filtered or derived.
+
+    Bad input exits with code 2 and a message naming the file and line or column."""
     from cascade.data.dataset import DataError
     from cascade.data.describe import describe as describe_dataset
     from cascade.data.describe import render

@@ -119,7 +119,13 @@ def dataset_dir(
         unpacked = tmp_dir / info.folder
         if not (unpacked / info.marker).is_file():
             raise DataError(f"the archive from {url} has no {info.folder}/{info.marker}. {manual}")
-        os.replace(unpacked, target)
+        try:
+            os.replace(unpacked, target)
+        except OSError:
+            if not (target / info.marker).is_file():  # not a concurrent download that won
+                raise DataError(
+                    f"could not move the unpacked {name} to {target}. {manual}"
+                ) from None
     finally:
         tmp_zip.unlink(missing_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -280,6 +280,12 @@ def test_generic_parquet_log_label_and_list_features(tmp_path):
     assert ds.events["rating"].null_count() == 5
     assert ds.category_feature == "cats" and _item_values(ds, 200, "cats") == ["b", "a"]
     assert ds.items.multi["cats"].shape == (3, 2)
+    # a single-valued column can be the category too: it becomes a width-1 multi-valued feature
+    ds = load_dataset(str(p), label_col="click", item_features=feats, category_feature="shop")
+    assert ds.category_feature == "shop" and "shop" not in ds.items.categorical
+    assert ds.items.multi["shop"][:, 0].tolist() == [1, 2, 1]  # items 100, 200, 300: s, t, s
+    with pytest.raises(DataError, match=r"category_feature 'brand' is not an item feature"):
+        load_dataset(str(p), item_features=feats, category_feature="brand")
 
 
 def test_log_without_time_column_uses_row_order(tmp_path):

@@ -16,28 +16,32 @@ builds one aligned table over every (run, ESR variant) pair, an *entry*:
 
 Runs whose metrics differ in kind (other stages, other final metrics) are refused with a message
 naming the folder and what differs; so is a folder that is not a run, a run of another format or
-one with missing files. Errors are `DataError`s, which the CLI prints without a traceback.
+one with missing files. Errors are `ValueError`s (`cascade.records.RunFormatError`,
+`DataError`) naming the folder; the CLI prints them without a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import tomllib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import polars as pl
 
 from cascade.data.dataset import DataError
 
-RUN_FORMAT = "cascade-run/1"
 COMPARE_FORMAT = "cascade-compare/1"
-REQUIRED_FILES = ("metrics.json", "config.toml", "requests.parquet", "latency.parquet")
 REQUEST_COLUMNS = ("variant", "request_id", "user", "target", "rank_retrieval", "rank_esr",
                    "rank_lsr")
 LATENCY_COLUMNS = ("variant", "stage", "batch", "batch_size", "ms")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 FUNNEL_STAGE = "funnel"  # the pseudo-stage: every stage of one batch, summed
 # final metric name in metrics.json -> per-request column in requests.parquet
 _PER_REQUEST = {"hr": "hit", "ndcg": "ndcg", "mrr": "rr"}
@@ -119,16 +123,6 @@ class Run:
         )
 
 
-def _read_json(path: Path, folder: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"run folder {folder}: cannot read {path.name}: {e}") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"run folder {folder}: {path.name} is not a JSON object")
-    return obj
-
-
 def _read_parquet(path: Path, folder: Path, columns: Sequence[str]) -> pl.DataFrame:
     try:
         frame = pl.read_parquet(path)
@@ -163,41 +157,17 @@ def _check_metrics(m: dict[str, Any], folder: Path) -> None:
 
 
 def read_run(path: str | Path) -> Run:
-    """Read and validate one run folder. Raises `DataError` naming the folder and what is
-    wrong: not a folder, not a run, another format, missing files or fields."""
-    folder = Path(path)
-    if not folder.exists():
-        raise DataError(f"run folder {folder} does not exist")
-    if not folder.is_dir():
-        raise DataError(f"{folder} is a file, not a run folder")
-    present = [f for f in REQUIRED_FILES if (folder / f).is_file()]
-    if "metrics.json" not in present and len(present) == 0:
-        raise DataError(
-            f"{folder} is not a cascade run folder: it has none of "
-            f"{', '.join(REQUIRED_FILES)} (`cascade run` writes them)"
-        )
-    if "metrics.json" not in present:
-        raise DataError(f"run folder {folder} is missing metrics.json")
-    metrics = _read_json(folder / "metrics.json", folder)
-    fmt = metrics.get("format")
-    if fmt != RUN_FORMAT:
-        found = "no 'format' field (an older run)" if fmt is None else f"format {fmt!r}"
-        raise DataError(
-            f"run folder {folder} has {found}; this cascade reads {RUN_FORMAT!r} "
-            f"(re-run it with `cascade run --config {folder / 'config.toml'}`)"
-        )
-    missing = [f for f in REQUIRED_FILES if f not in present]
-    if missing:
-        raise DataError(f"run folder {folder} is missing {', '.join(missing)}")
-    _check_metrics(metrics, folder)
-    try:
-        config = tomllib.loads((folder / "config.toml").read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise DataError(f"run folder {folder}: cannot read config.toml: {e}") from None
-    env = _read_json(folder / "env.json", folder) if (folder / "env.json").is_file() else {}
+    """Read and validate one run folder: `cascade.records.load_run` (folder, files, format),
+    then what a comparison needs (metrics fields, parquet columns, a request row per variant).
+    Raises a `ValueError` (`RunFormatError` or `DataError`) naming the folder and what is wrong."""
+    from cascade.records import load_run
+
+    rec = load_run(path)
+    folder = rec.path
+    _check_metrics(rec.metrics, folder)
     requests = _read_parquet(folder / "requests.parquet", folder, REQUEST_COLUMNS)
     latency = _read_parquet(folder / "latency.parquet", folder, LATENCY_COLUMNS)
-    run = Run(folder, metrics, config, env, requests, latency)
+    run = Run(folder, rec.metrics, rec.config, rec.env, requests, latency)
     have = set(requests["variant"].unique().to_list())
     lacking = [v for v in run.variants if v not in have]
     if lacking:
@@ -402,6 +372,9 @@ def entry_values(run: Run, variant: str) -> dict[str, float]:
     if len(tot):
         out[f"p50_ms@{FUNNEL_STAGE}"] = float(tot.quantile(0.5, "linear"))
         out[f"p99_ms@{FUNNEL_STAGE}"] = float(tot.quantile(0.99, "linear"))
+    for q, x in (v.get("funnel_latency_ms") or {}).items():
+        if q in ("p50", "p99") and x is not None:
+            out[f"{q}_ms@{FUNNEL_STAGE}"] = float(x)
     if v.get("throughput_rps") is not None:
         out["throughput_rps"] = float(v["throughput_rps"])
     return out
@@ -568,32 +541,38 @@ def summary_points(c: Comparison) -> pl.DataFrame:
     )
 
 
-def write_comparison(c: Comparison, out_dir: str | Path) -> list[Path]:
-    """Write comparison.md, comparison.json and the comparison figures into `out_dir`, all or
-    nothing: everything is drawn into a temporary folder beside it first, then moved in."""
-    import shutil
-    import tempfile
-
-    from cascade import figures
-
-    out = Path(out_dir)
+def write_bundle(out_dir: str | Path, fill: Callable[[Path], None]) -> list[Path]:
+    """Let `fill(tmp)` write files into a temporary folder beside `out_dir`, then move them
+    into `out_dir` (created when absent): a failure anywhere leaves no partial output."""
+    out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, expected a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        (tmp / "comparison.md").write_text(to_markdown(c))
-        (tmp / "comparison.json").write_text(json.dumps(c.to_json(), indent=2))
-        figures.comparison_figures(c, tmp / "figures")
+        fill(tmp)
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
         out.mkdir(parents=True, exist_ok=True)
         written = []
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                dest = out / f.relative_to(tmp)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                f.replace(dest)
-                written.append(dest)
+        for f in files:
+            dest = out / f.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(f, FILE_MODE)  # mkstemp/mkdtemp make private files; these are outputs
+            f.replace(dest)
+            written.append(dest)
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+def write_comparison(c: Comparison, out_dir: str | Path) -> list[Path]:
+    """comparison.md, comparison.json and figures/{funnel,latency,quality_latency}.{png,csv} in
+    `out_dir`, all or nothing."""
+    from cascade import figures
+
+    def fill(tmp: Path) -> None:
+        (tmp / "comparison.md").write_text(to_markdown(c))
+        (tmp / "comparison.json").write_text(json.dumps(c.to_json(), indent=2))
+        figures.comparison_figures(c, tmp / "figures")
+
+    return write_bundle(out_dir, fill)

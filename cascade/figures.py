@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
 import polars as pl
 
 from cascade.stages.training import atomic_write_bytes
@@ -30,8 +29,7 @@ if TYPE_CHECKING:
     from cascade.compare import Comparison, Run
 
 DPI = 110
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
 QUANTILES = {"p1": 0.01, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p99": 0.99}
 
 
@@ -47,8 +45,10 @@ def _new_figure(width: float = 7.0, height: float = 4.2):
 def write_atomic(path: Path, data: bytes) -> Path:
     """`atomic_write_bytes`, then the permissions of an ordinary file (the temporary file it
     renames is private to its owner), so reports and figures stay readable by others."""
+    from cascade.compare import FILE_MODE
+
     atomic_write_bytes(Path(path), data)
-    os.chmod(path, 0o666 & ~_UMASK)
+    os.chmod(path, FILE_MODE)
     return Path(path)
 
 
@@ -163,7 +163,8 @@ def quality_latency_figure(points: pl.DataFrame, png: Path, *, budget_ms: float 
                            quality: str = "NDCG@10",
                            title: str = "Quality against full-funnel p99 latency"
                            ) -> list[Path]:
-    """points: label, p99_ms, quality, frontier (bool), optional group (colour)."""
+    """points: label, p99_ms, quality, frontier (bool), optional group (colour) and chosen
+    (bool, drawn as a star)."""
     fig = _new_figure()
     ax = fig.add_subplot()
     groups = points["group"].to_list() if "group" in points.columns else ["all"] * points.height
@@ -176,6 +177,10 @@ def quality_latency_figure(points: pl.DataFrame, png: Path, *, budget_ms: float 
     if front.height:
         ax.step(front["p99_ms"].to_list(), front["quality"].to_list(), where="post",
                 color="black", lw=1.2, alpha=0.7, label="frontier", zorder=2)
+    if "chosen" in points.columns and points["chosen"].any():
+        best = points.filter(pl.col("chosen"))
+        ax.scatter(best["p99_ms"].to_list(), best["quality"].to_list(), marker="*", s=220,
+                   facecolor="none", edgecolor="tab:red", lw=1.4, label="chosen", zorder=4)
     if points.height <= 24:
         for row in points.iter_rows(named=True):  # <= 24 labels, one per configuration
             ax.annotate(row["label"], (row["p99_ms"], row["quality"]), fontsize=6.5,

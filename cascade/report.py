@@ -19,9 +19,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import polars as pl
-
-from cascade.compare import FUNNEL_STAGE, Run, read_run
+from cascade.compare import FUNNEL_STAGE, Run, entry_values, read_run
 from cascade.figures import write_atomic
 
 FIGURES = (
@@ -55,93 +53,83 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits: int =
     return "\n".join(lines) + "\n"
 
 
-def _dict_table(obj: Any, key_name: str) -> str:
-    """A dict of dicts as a table (outer keys = rows), a dict of numbers as two columns."""
-    if not isinstance(obj, dict) or not obj:
-        return f"{_f(obj)}\n"
-    if all(isinstance(v, dict) for v in obj.values()):
-        cols = list(dict.fromkeys(k for v in obj.values() for k in v))
-        if all(not isinstance(v.get(c), (dict, list)) for v in obj.values() for c in cols):
-            return md_table([key_name, *cols], ([k, *[v.get(c) for c in cols]]
-                                                for k, v in obj.items()))
-    if all(not isinstance(v, dict) for v in obj.values()):
-        return md_table([key_name, "value"], ([k, v] for k, v in obj.items()))
-    return "\n".join(f"- {k}: {_f(v)}" for k, v in obj.items()) + "\n"
-
-
 def _stage_spec(run: Run, stage: str, variant: str) -> str:
-    """The stage implementation's name (e.g. `twotower`, `gesr`), from metrics or config."""
-    if stage == "esr":
-        spec = run.metrics["variants"][variant].get("esr")
-        if spec:
-            return str(spec)
-    cfg = run.config
-    for where in (cfg.get("stages", {}), cfg):
-        v = where.get(stage) if isinstance(where, dict) else None
+    """The implementation behind a funnel stage of a variant (e.g. `twotower`, `gesr`): the
+    stage entry in metrics.json, else metrics["stages"], else config.toml."""
+    for s in run.stages(variant):
+        if s["name"] == stage and isinstance(s.get("stage"), str):
+            return s["stage"]
+    if stage == "esr" and isinstance(run.metrics["variants"][variant].get("esr"), str):
+        return run.metrics["variants"][variant]["esr"]
+    declared = run.metrics.get("stages") or {}
+    spec = declared.get(stage)
+    if stage == "esr" and isinstance(spec, dict):
+        spec = spec.get(variant)
+    for v in (spec, run.config.get(stage)):
         if isinstance(v, str):
             return v
-        if isinstance(v, dict):
-            for key in ("spec", "name", "stage"):
-                if isinstance(v.get(key), str):
-                    return v[key]
+        if isinstance(v, dict) and isinstance(v.get("stage"), str):
+            return v["stage"]
     return "?"
-
-
-def _index_spec(cfg: dict[str, Any]) -> str | None:
-    for where in (cfg, cfg.get("retrieval"), cfg.get("stages", {}).get("retrieval")):
-        if isinstance(where, dict) and isinstance(where.get("index"), str):
-            return where["index"]
-    return None
 
 
 def _config_words(run: Run) -> str:
     m, cfg = run.metrics, run.config
-    data, budgets = m["data"], m["budgets"]
-    lines = []
+    data = m["data"]
     src = f" from `{data['source']}`" if data.get("source") else ""
-    fp = f", fingerprint `{data['fingerprint']}`" if data.get("fingerprint") else ""
-    lines.append(
-        f"- **Data**: `{data.get('name', '?')}`{src}{fp}; split `{data.get('split', '?')}`; "
+    size = ""
+    if data.get("n_users") is not None:
+        size = (f" ({_f(data.get('n_users'))} users, {_f(data.get('n_items'))} items, "
+                f"{_f(data.get('n_events'))} events)")
+    lines = [
+        f"- **Data**: `{data.get('name', '?')}`{src}{size}, fingerprint "
+        f"`{data.get('fingerprint', '?')}`; split `{data.get('split', '?')}`; "
         f"{_f(data.get('n_requests'))} test requests replayed (traffic key "
         f"`{data['traffic_key']}`: runs with the same key replayed the same requests)."
-    )
+    ]
     v0 = run.primary
-    names = run.stage_names(v0)
-    ks = {s["name"]: s["k"] for s in run.stages(v0)}
+    stages = run.stages(v0)
     parts = []
-    for i, s in enumerate(names):
-        spec = "the ESR" if s == "esr" else f"`{_stage_spec(run, s, v0)}`"
+    for i, st in enumerate(stages):
+        name, k = st["name"], _f(st["k"])
+        spec = f"`{_stage_spec(run, name, v0)}`" if name != "esr" else "(the ESR variant)"
         if i == 0:
-            index = _index_spec(cfg)
-            idx = f" (FAISS index `{index}`)" if index else ""
-            parts.append(f"{s} {spec}{idx} keeps the top {_f(ks[s])} items")
-        elif i == len(names) - 1:
-            parts.append(f"{s} {spec} returns the final {_f(ks[s])}")
+            index = cfg.get("index")
+            extra = [f"FAISS index `{index}`"] if index else []
+            if data.get("exclude_seen") is not None:
+                extra.append("seen items excluded" if data["exclude_seen"]
+                             else "seen items allowed")
+            extra_s = f" ({', '.join(extra)})" if extra else ""
+            parts.append(f"{name} {spec}{extra_s} keeps the top {k} items")
+        elif i == len(stages) - 1:
+            parts.append(f"{name} {spec} returns the final {k}")
         else:
-            parts.append(f"{s} ({spec}) keeps {_f(ks[s])}")
-    lines.append(
-        f"- **Funnel**: {' → '.join(parts)} (budgets: "
-        + ", ".join(f"{k} {_f(v)}" for k, v in budgets.items()) + ")."
-    )
+            parts.append(f"{name} {spec} keeps {k}")
+    lines.append(f"- **Funnel**: {' → '.join(parts)}.")
     roles = {m.get("primary"): "primary", m.get("baseline"): "baseline"}
     lines.append(
-        "- **ESR variants**: "
-        + ", ".join(
-            f"`{v}` ({roles.get(v, 'variant')}, stage `{_stage_spec(run, 'esr', v)}`)"
+        "- **ESR variants** (each scores the same retrieved candidates and feeds the same "
+        "LSR): " + ", ".join(
+            f"`{v}` ({roles.get(v, 'variant')}, stage `{_stage_spec(run, 'esr', v)}`"
+            + (f", config `{run.metrics['variants'][v]['esr_config']}`"
+               if run.metrics["variants"][v].get("esr_config") else "") + ")"
             for v in run.variants
-        )
-        + "."
+        ) + "."
     )
-    extra = [f"{k} `{cfg[k]}`" for k in ("seed", "device", "batch_size", "max_len")
-             if k in cfg and not isinstance(cfg[k], dict)]
-    hist = cfg.get("history", {})
-    if isinstance(hist, dict) and "max_len" in hist:
-        extra.append(f"history max_len `{hist['max_len']}`")
+    extra = []
+    for key, words in (("seed", "seed"), ("device", "device"), ("batch_size", "replay batch size"),
+                       ("max_len", "history length"), ("warmup", "untimed warm-up batches"),
+                       ("bootstrap", "bootstrap resamples")):
+        val = m.get(key, cfg.get(key)) if key in ("seed", "device") else cfg.get(key)
+        if val is None and key == "max_len":
+            val = data.get("max_len")
+        if val is not None and not isinstance(val, dict):
+            extra.append(f"{words} {val}")
     if extra:
         lines.append("- **Run**: " + ", ".join(extra) + ".")
-    lines.append("\nThe full resolved configuration is in [config.toml](config.toml); every number "
-                 "below is in [metrics.json](metrics.json), per request in requests.parquet and per "
-                 "batch in latency.parquet.")
+    lines.append("\nThe full resolved configuration is in [config.toml](config.toml); every "
+                 "number below is in [metrics.json](metrics.json), per request in "
+                 "`requests.parquet` and per batch in `latency.parquet`.")
     return "\n".join(lines) + "\n"
 
 
@@ -184,44 +172,99 @@ def _final_section(run: Run) -> str:
     rows = []
     for v in run.variants:
         vm = run.metrics["variants"][v]
+        share = (vm.get("vs_lsr_full_catalogue") or {}).get("ndcg@10")
         rows.append([f"`{v}`", *[vm["final"].get(k) for k in finals],
-                     vm.get("consistency@10"), _f(vm.get("throughput_rps"), 1)])
-    return md_table(["variant", *finals, "consistency@10", "throughput req/s"], rows)
+                     _f(vm.get("throughput_rps"), 1), share])
+    out = md_table(["variant", *finals, "throughput req/s", "ndcg@10 / LSR alone"], rows)
+    return out + ("\n*ndcg@10 / LSR alone*: the funnel's NDCG@10 over that of the LSR scoring "
+                  "the whole catalogue (see References).\n")
 
 
 def _comparison_section(run: Run) -> str | None:
-    comp = run.metrics.get("comparison") or {}
-    if not comp:
-        return None
+    comps = run.metrics.get("comparisons") or {}
+    if not comps and run.metrics.get("comparison"):
+        comps = {run.metrics.get("primary"): run.metrics["comparison"]}
     rows = []
-    for metric, c in comp.items():
-        ci = c.get("ci95") or [None, None]
-        lo, hi = ci[0], ci[1]
-        sig = "-"
-        if lo is not None and hi is not None:
-            sig = "yes" if (lo > 0 or hi < 0) else "no"
-        rows.append([metric, f"`{c.get('variant')}`", f"`{c.get('baseline')}`", c.get("delta"),
-                     lo, hi, sig])
-    return md_table(["metric", "variant", "baseline", "delta", "95% CI low", "95% CI high",
+    for label, comp in comps.items():
+        for metric, c in (comp or {}).items():
+            lo, hi = (c.get("ci95") or [None, None])[:2]
+            sig = "-" if lo is None or hi is None else ("yes" if (lo > 0 or hi < 0) else "no")
+            rows.append([f"`{c.get('variant', label)}`", f"`{c.get('baseline')}`", metric,
+                         c.get("delta"), lo, hi, sig])
+    if not rows:
+        return None
+    return md_table(["variant", "baseline", "metric", "delta", "95% CI low", "95% CI high",
                      "CI excludes 0"], rows) + (
-        "\nDeltas are variant minus baseline over the same requests, with paired bootstrap 95% "
-        "confidence intervals.\n"
+        "\nDeltas are variant minus baseline over the same requests (paired), with percentile "
+        "bootstrap 95% confidence intervals over requests.\n"
     )
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k} "))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _breakdowns(run: Run) -> str:
     out = []
-    for key, title, col in (("funnel_loss", "Where the target is lost", "stage"),
-                            ("by_history_length", "By history length", "history length"),
-                            ("by_popularity", "By target popularity", "popularity bucket")):
-        parts = []
+    for key, title, col in (("by_history_length", "By history length (earlier events of the "
+                                                   "user)", "history"),
+                            ("by_popularity", "By popularity of the target (head: the items "
+                                              "making the first 50% of training events, torso "
+                                              "the next 30%, tail the rest)", "popularity")):
+        rows, cols = [], []
         for v in run.variants:
-            obj = run.metrics["variants"][v].get(key)
-            if obj:
-                parts.append(f"**`{v}`**\n\n{_dict_table(obj, col)}")
-        if parts:
-            out.append(f"### {title}\n\n" + "\n".join(parts))
+            obj = run.metrics["variants"][v].get(key) or {}
+            for bucket, vals in obj.items():
+                flat = _flat(vals) if isinstance(vals, dict) else {"value": vals}
+                cols += [c for c in flat if c not in cols]
+                rows.append((v, bucket, flat))
+        if rows:
+            out.append(f"### {title}\n\n" + md_table(
+                ["variant", col, *cols],
+                ([f"`{v}`", str(b), *[f.get(c) for c in cols]] for v, b, f in rows)))
     return "\n".join(out)
+
+
+def _funnel_loss(run: Run) -> str | None:
+    rows = []
+    for v in run.variants:
+        fl = run.metrics["variants"][v].get("funnel_loss")
+        if not isinstance(fl, dict):
+            continue
+        orc = fl.get("oracle") or {}
+        rows.append([f"`{v}`", orc.get("ndcg@10"), fl.get("ndcg@10"), orc.get("hr@10"),
+                     fl.get("hr@10"), fl.get("esr_cut_rate"),
+                     run.metrics["variants"][v].get("consistency@10")])
+    if not rows:
+        return None
+    return md_table(["variant", "LSR on all retrieved: ndcg@10", "ndcg@10 lost to the ESR cut",
+                     "LSR on all retrieved: hr@10", "hr@10 lost", "ESR cut rate",
+                     "consistency@10"], rows) + (
+        "\nThe LSR scoring every retrieved candidate is what the funnel would return without "
+        "the ESR's cut; the loss is that minus the funnel's result. *ESR cut rate*: of the "
+        "targets the LSR would have put in its top 10, the share the ESR dropped. "
+        "*consistency@10*: overlap of the ESR's top 10 with the LSR's top 10 over all retrieved.\n"
+    )
+
+
+def _training(run: Run) -> str | None:
+    fits = run.metrics.get("training") or {}
+    if not fits:
+        return None
+    rows = []
+    for what, f in fits.items():
+        rep = f.get("report") or {}
+        rows.append([what.replace("esr:", "esr "), f"`{f.get('stage', '?')}`",
+                     _f(f.get("seconds"), 2), "yes" if f.get("cached") else "no",
+                     rep.get("epochs_run"), rep.get("best_valid")])
+    return md_table(["stage", "implementation", "fit seconds", "from cache", "epochs",
+                     "best validation"], rows)
 
 
 def _references(run: Run) -> str | None:
@@ -250,47 +293,68 @@ def _environment(run: Run) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def render_report(run: Run, figures: dict[str, str | None]) -> str:
-    """The report's markdown. `figures` maps figure name -> relative PNG path, or None with the
-    reason it is missing under the key name + ':error'."""
+def _headline(run: Run) -> str:
+    m = run.metrics
+    prim, base = m.get("primary"), m.get("baseline")
+    q = "ndcg@10" if "ndcg@10" in run.final_names() else run.final_names()[0]
+    p99 = {v: entry_values(run, v).get(f"p99_ms@{FUNNEL_STAGE}") for v in run.variants}
+
+    def one(v: str) -> str:
+        return (f"`{v}` {q} {_f(m['variants'][v]['final'].get(q))}, full-funnel p99 "
+                f"{_f(p99.get(v), 2)} ms per batch")
+    text = "**Result**: " + "; ".join(one(v) for v in run.variants) + "."
+    comp = (m.get("comparison") or {}).get(q)
+    if base and comp and comp.get("delta") is not None:
+        lo, hi = comp["ci95"]
+        verdict = ("better" if lo > 0 else "worse" if hi < 0 else
+                   "not distinguishable (the interval contains 0)")
+        text += (f" `{prim}` against `{base}`: {q} {comp['delta']:+.4f} "
+                 f"[{lo:+.4f}, {hi:+.4f}] (paired bootstrap 95% CI): {verdict}.")
+    return text + "\n"
+
+
+def render_report(run: Run, figures: dict[str, str]) -> str:
+    """The report's markdown. `figures` maps a figure name to its relative PNG path, or
+    "<name>:error" to why it could not be drawn."""
     m = run.metrics
     created = f" ({m['created']})" if m.get("created") else ""
+    names = [f"{s['name']} (`{_stage_spec(run, s['name'], run.primary)}`)"
+             if s["name"] != "esr" else "esr" for s in run.stages(run.primary)]
     out = [f"# cascade run `{run.name}`{created}\n"]
-    stages = " → ".join(run.stage_names())
     out.append(
-        f"A recommendation funnel {stages} replayed over "
-        f"{_f(m['data'].get('n_requests'))} test requests, with "
-        f"{len(run.variants)} early-stage ranker variant(s): "
+        f"A recommendation funnel {' → '.join(names)} replayed over "
+        f"{_f(m['data'].get('n_requests'))} test requests of `{m['data'].get('name', '?')}`, "
+        f"with {len(run.variants)} early-stage ranker (ESR) variant(s): "
         + ", ".join(f"`{v}`" for v in run.variants) + ".\n"
     )
+    out.append(_headline(run))
     out.append("## Configuration\n\n" + _config_words(run))
 
-    def fig(name: str, caption: str) -> str:
+    def fig(name: str) -> str:
+        caption = dict(FIGURES)[name]
         if figures.get(name):
-            return f"\n![{caption}]({figures[name]})\n\n*{caption}* Data: " \
-                   f"[{Path(figures[name]).with_suffix('.csv').as_posix()}]" \
-                   f"({Path(figures[name]).with_suffix('.csv').as_posix()}).\n"
+            png = figures[name]
+            csv = Path(png).with_suffix(".csv").as_posix()
+            return f"\n![{caption}]({png})\n\n*{caption}* Drawn from [{csv}]({csv}).\n"
         err = figures.get(f"{name}:error")
         return f"\n*Figure `{name}` could not be drawn: {err}*\n" if err else ""
 
-    captions = dict(FIGURES)
-    out.append("## Funnel\n\n" + _funnel_section(run) + fig("funnel", captions["funnel"]))
-    out.append("## Latency per stage\n\nMilliseconds per batch of requests; *full funnel* is "
-               "every stage of a batch summed, what a request waits for end to end.\n\n"
-               + _latency_section(run) + fig("latency", captions["latency"]))
+    out.append("## Funnel\n\n" + _funnel_section(run) + fig("funnel"))
+    out.append("## Latency per stage\n\nMilliseconds per batch of requests (the shared "
+               "retrieval is counted in every variant); *full funnel* is every stage of a batch "
+               "summed, what a request waits for end to end.\n\n"
+               + _latency_section(run) + fig("latency"))
     out.append("## Final metrics\n\n" + _final_section(run))
-    comp = _comparison_section(run)
-    if comp:
-        out.append(f"## Comparison: `{m.get('primary')}` against `{m.get('baseline')}`\n\n" + comp)
-    refs = _references(run)
-    if refs:
-        out.append("## References\n\n" + refs)
-    br = _breakdowns(run)
-    if br:
-        out.append("## Breakdowns\n\n" + br)
-    env = _environment(run)
-    if env:
-        out.append("## Environment\n\n" + env)
+    for title, section in (
+        ("Comparison against the baseline", _comparison_section(run)),
+        ("Funnel loss: what the ESR's cut costs", _funnel_loss(run)),
+        ("References", _references(run)),
+        ("Breakdowns", _breakdowns(run) or None),
+        ("Training", _training(run)),
+        ("Environment", _environment(run)),
+    ):
+        if section:
+            out.append(f"## {title}\n\n{section}")
     return "\n".join(out)
 
 
@@ -303,7 +367,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     run = read_run(run_dir)
     fig_dir = run.path / "figures"
-    drawn: dict[str, str | None] = {}
+    drawn: dict[str, str] = {}
     drawers = {
         "funnel": lambda: figs.funnel_figure(
             figs.run_funnel_table(run), fig_dir / "funnel.png",

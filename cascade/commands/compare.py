@@ -82,6 +82,112 @@ def report(
     typer.echo(f"wrote {path}")
 
 
+def _ints(values: Optional[list[str]], option: str) -> list[int] | None:
+    """Repeated options and comma lists alike: --retrieval-k 100,200 --retrieval-k 400."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        for part in str(v).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise ValueError(f"{option}: {part!r} is not an integer") from None
+    return out
+
+
+def _esr_specs(esrs: list[str]):
+    """One ESR variant per --esr, labelled by its name (the class name for 'module:Class')."""
+    from cascade.experiment import StageSpec
+
+    short = [e.split(":")[-1] for e in esrs]
+    labels = [sh if short.count(sh) == 1 else e for sh, e in zip(short, esrs)]
+    if len(set(labels)) != len(labels):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        raise ValueError(f"--esr: {dup} given more than once")
+    return tuple(StageSpec(stage=e, label=lab) for e, lab in zip(esrs, labels))
+
+
+def sweep(
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="RunConfig TOML file (flags override it).")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="ml-100k, a path, or synthetic[:tiny|small|medium|large].")] = None,
+    esr: Annotated[Optional[list[str]], typer.Option(
+        help="An ESR choice (repeat for several): twotower, gesr, popular, module:Class.")] = None,
+    retrieval: Annotated[Optional[str], typer.Option(help="Retrieval stage.")] = None,
+    lsr: Annotated[Optional[str], typer.Option(help="Late-stage ranker.")] = None,
+    retrieval_k: Annotated[Optional[list[str]], typer.Option(
+        help="Retrieval budgets: repeat or comma-separate, e.g. 100,200,400.")] = None,
+    esr_k: Annotated[Optional[list[str]], typer.Option(
+        help="ESR budgets: repeat or comma-separate, e.g. 20,50.")] = None,
+    final_k: Annotated[Optional[int], typer.Option(help="Final list length (default 10).")] = None,
+    p99_ms: Annotated[Optional[float], typer.Option(
+        help="Full-funnel p99 latency budget (ms per batch): name the best configuration "
+             "under it.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Folder for sweep.json/.csv/.md and the figure.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+    index: Annotated[Optional[str], typer.Option(help="FAISS index_factory string.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for training and sampling.")] = None,
+    max_requests: Annotated[Optional[int], typer.Option(
+        help="Cap on validation and test requests (seeded sample).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Replay batch size.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Trained-stage cache.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress output.")] = False,
+) -> None:
+    """Sweep retrieval K x ESR K for one or more ESRs: every stage is fitted once, the test
+    traffic replayed per budget pair; prints NDCG@10 against full-funnel p99 latency, the
+    non-dominated frontier, and with --p99-ms the best configuration under that budget."""
+    import os
+    import sys
+
+    from cascade import sweep as sw
+    from cascade.commands.run import build_config
+
+    if os.getcwd() not in sys.path and "" not in sys.path:  # 'module:Class' from the cwd
+        sys.path.insert(0, os.getcwd())
+    err = typer.echo if fmt is Format.table else (lambda m: typer.echo(m, err=True))
+    with _clean_errors():
+        r_ks = _ints(retrieval_k, "--retrieval-k")
+        e_ks = _ints(esr_k, "--esr-k")
+        if r_ks is None or e_ks is None:
+            raise ValueError("sweep needs --retrieval-k and --esr-k (one or more values each)")
+        cfg = build_config(config, dict(
+            data=data, retrieval=retrieval, lsr=lsr, final_k=final_k, index=index,
+            device=device, seed=seed, max_requests=max_requests, batch_size=batch_size,
+            cache_dir=cache_dir, esr_variants=_esr_specs(esr) if esr else None,
+        ))
+        res = sw.run_sweep(cfg, retrieval_ks=r_ks, esr_ks=e_ks, budget_ms=p99_ms,
+                           progress=not no_progress,
+                           log=None if no_progress else (lambda m: err(m)))
+        written = sw.write_sweep(res, out) if out is not None else []
+    if fmt is Format.json:
+        typer.echo(json.dumps(res.to_json(), indent=2, default=str))
+    elif fmt is Format.csv:
+        typer.echo(sw.to_csv(res), nl=False)
+    elif fmt is Format.markdown:
+        typer.echo(sw.to_markdown(res), nl=False)
+    else:
+        from rich.console import Console
+
+        con = Console()
+        con.print(sw.to_rich(res))
+        front = ", ".join(f"{r['label']}" for r in res.frontier.iter_rows(named=True))
+        con.print(f"frontier (fastest first): {front}", highlight=False)
+        if res.verdict():
+            con.print(res.verdict(), style="bold", highlight=False)
+        for n in res.notes:
+            con.print(f"- {n}", highlight=False)
+    if written:
+        typer.echo(f"wrote {len(written)} files to {out}", err=fmt is not Format.table)
+
+
 def register(app: typer.Typer) -> None:
     app.command("compare")(compare)
     app.command("report")(report)
+    app.command("sweep")(sweep)

@@ -325,25 +325,28 @@ class RunConfig:
 # ---- stages --------------------------------------------------------------------------------------
 
 
-def _nested_type(cc: type, f: dataclasses.Field, hints: Mapping[str, Any]) -> type | None:
-    """The dataclass type of field `f` of `cc`, when it has one (e.g. a nested TrainConfig)."""
-    t = hints.get(f.name)
-    if isinstance(t, type) and dataclasses.is_dataclass(t):
-        return t
-    for arg in typing.get_args(t):  # Optional[Dataclass]
-        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
-            return arg
+def _nested(f: dataclasses.Field, hints: Mapping[str, Any]) -> tuple[type | None, Any]:
+    """(dataclass type, default instance or None) of field `f` when it holds a dataclass
+    (e.g. a nested TrainConfig)."""
     default = f.default
     if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
-        return type(default)
-    return None
+        return type(default), default
+    t = hints.get(f.name)
+    for cand in (t, *typing.get_args(t)):  # Dataclass or Optional[Dataclass]
+        if isinstance(cand, type) and dataclasses.is_dataclass(cand):
+            return cand, None
+    return None, None
 
 
-def build_config(cc: type, values: Mapping[str, Any], where: str) -> Any:
-    """`cc(**values)` for a config dataclass, building nested dataclasses (e.g. `train`) from
-    tables; unknown keys raise a ValueError naming the key and the allowed fields."""
+def build_config(
+    cc: type, values: Mapping[str, Any], where: str, base: Any = None
+) -> Any:
+    """`cc(**values)` for a config dataclass. A table for a nested dataclass field (e.g. `train`)
+    overrides that field's default instance, so `train = {epochs = 1}` keeps the stage's own
+    other training defaults. Unknown keys raise a ValueError naming the key and the allowed
+    fields. `base`: an instance whose values are the defaults."""
     if not dataclasses.is_dataclass(cc):
         try:
             return cc(**values)
@@ -354,14 +357,16 @@ def build_config(cc: type, values: Mapping[str, Any], where: str) -> Any:
     except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to defaults' types
         hints = {}
     fields = {f.name: f for f in dataclasses.fields(cc) if f.init}
-    kw = {}
+    kw = {} if base is None else {k: getattr(base, k) for k in fields}
     for k, v in values.items():
         if k not in fields:
             raise ValueError(f"{where}: unknown key {k!r}; allowed: {', '.join(fields)}")
         if isinstance(v, Mapping):
-            sub = _nested_type(cc, fields[k], hints)
+            sub, default = _nested(fields[k], hints)
+            if base is not None and dataclasses.is_dataclass(getattr(base, k, None)):
+                sub, default = type(getattr(base, k)), getattr(base, k)
             if sub is not None:
-                v = build_config(sub, v, f"{where}.{k}")
+                v = build_config(sub, v, f"{where}.{k}", default)
         elif isinstance(v, list):
             v = tuple(v)
         kw[k] = v

@@ -36,7 +36,10 @@ class Budgets:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"Budgets.{name} must be an integer, got {v!r}")
         if self.final < 1:
-            raise ValueError(f"Budgets.final must be >= 1, got {self.final}")
+            raise ValueError(
+                f"the final budget must be >= 1, got retrieval={self.retrieval}, "
+                f"esr={self.esr}, final={self.final}"
+            )
         if not self.retrieval > self.esr > self.final:
             raise ValueError(
                 "budgets must shrink through the funnel (retrieval > esr > final), got "

@@ -460,9 +460,9 @@ def compare_runs(
                 deltas[(e.label, k)] = (res["delta"], *res["ci95"])
     if len(entries) > 1 and any(paired[e.label] for e in entries[1:]):
         notes.append(
-            f"deltas are {ref.label} subtracted from each entry, per request, with paired "
-            f"bootstrap 95% intervals ({n_boot} resamples); latency and throughput are unpaired "
-            f"summary values"
+            f"Δ: each entry minus {ref.label}, per request over the same requests, with "
+            f"paired bootstrap 95% intervals ({n_boot} resamples); latency and throughput are "
+            f"unpaired summary values"
         )
     return Comparison(runs, entries, metrics, values, deltas, paired, notes, n_boot)
 

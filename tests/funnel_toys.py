@@ -222,3 +222,30 @@ class NoScore:
 
     def fit(self, ctx):
         return self
+
+
+def builtin_stage_specs(epochs: int = 1, steps: int = 30) -> dict | None:
+    """TOML-ready stage tables for the built-in funnel (retrieval twotower, ESR gesr vs twotower,
+    LSR lsr; popular stands in for a missing ESR), each trained briefly; None while the
+    built-in two-tower ESR or LSR is not there."""
+    import dataclasses as dc
+
+    from cascade.stages.base import known_stages, resolve_stage_class
+
+    have = {k: known_stages(k) for k in ("retrieval", "esr", "lsr")}
+    if "twotower" not in have["retrieval"] or "twotower" not in have["esr"] or "lsr" not in have["lsr"]:
+        return None
+
+    def spec(kind: str, stage: str) -> dict:
+        cc = getattr(resolve_stage_class(kind, stage), "config_class", None)
+        names = {f.name for f in dc.fields(cc)} if cc and dc.is_dataclass(cc) else set()
+        train = {"epochs": epochs, "max_steps_per_epoch": steps}
+        return {"stage": stage, **({"config": {"train": train}} if "train" in names else {})}
+
+    primary = "gesr" if "gesr" in have["esr"] else "twotower"
+    baseline = "twotower" if primary == "gesr" else ("popular" if "popular" in have["esr"] else None)
+    out = {"retrieval": spec("retrieval", "twotower"), "esr": spec("esr", primary),
+           "lsr": spec("lsr", "lsr")}
+    if baseline:
+        out["esr_baseline"] = spec("esr", baseline)
+    return out

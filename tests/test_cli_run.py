@@ -127,3 +127,22 @@ def test_cli_bad_input_is_one_clean_line(tmp_path, args, message):
     # nothing was trained or written
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_cli_builtin_funnel_on_tiny_synthetic(tmp_path):
+    from cascade.records import dumps_toml
+    from funnel_toys import builtin_stage_specs
+
+    stages = builtin_stage_specs()
+    if stages is None:
+        pytest.skip("the built-in two-tower ESR / LSR stages are not installed yet")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(dumps_toml({"data": "synthetic:tiny", "max_len": 30, **stages}))
+    res = invoke("--config", str(cfg), "--out", str(tmp_path / "run"),
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress")
+    assert res.exit_code == 0, res.output
+    m = load_run(tmp_path / "run").metrics
+    for label, v in m["variants"].items():
+        r = [s["recall"] for s in v["stages"]]
+        assert 1.0 >= r[0] >= r[1] >= r[2] >= 0.0, (label, r)
+        assert r[0] > 0.1  # trained retrieval finds the planted signal at all

@@ -664,7 +664,7 @@ def run_experiment(
     `write` is False. `dataset` skips loading `cfg.data`; `log` receives progress lines."""
     from cascade.env import capture
     from cascade.metrics import compare_variants, history_bucket, popularity_buckets
-    from cascade.records import write_run
+    from cascade.records import check_target, write_run
     from cascade.replay import replay
 
     say = log or (lambda _msg: None)
@@ -678,6 +678,10 @@ def run_experiment(
         build_stage("esr", spec)
     lsr = build_stage("lsr", cfg.lsr)
     esrs = {label: build_stage("esr", spec) for label, spec in specs.items()}
+
+    out = Path(cfg.out).expanduser() if cfg.out else _default_out(name)
+    if write:
+        check_target(out)
 
     # 2. data
     prepared = prepare(cfg, dataset=dataset, progress=progress)
@@ -795,7 +799,6 @@ def run_experiment(
 
     path = None
     if write:
-        out = Path(cfg.out).expanduser() if cfg.out else _default_out(name)
         path = write_run(
             out,
             config_toml=resolved.to_toml(),

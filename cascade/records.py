@@ -119,7 +119,8 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
 
 
-def _check_target(path: Path) -> None:
+def check_target(path: Path) -> None:
+    """Refuse to write a run over a folder that holds something other than a run."""
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"--out {path}: exists and is not a folder")
@@ -144,7 +145,7 @@ def write_run(
     """Write a run folder atomically at `path` (replacing an earlier run there). `finish(tmp)` may
     add files (report, figures) to the temporary folder before it is moved into place."""
     path = Path(path).expanduser()
-    _check_target(path)
+    check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

@@ -129,6 +129,17 @@ def test_cli_bad_input_is_one_clean_line(tmp_path, args, message):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+def test_cli_refuses_to_overwrite_a_folder_that_is_not_a_run(tmp_path):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    res = invoke("--data", "synthetic:tiny", *TOYS, "--out", str(mine), "--cache-dir",
+                 str(tmp_path / "cache"), "--no-progress")
+    assert res.exit_code == 2 and "refusing to overwrite" in res.output
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    assert not (tmp_path / "cache").exists()  # refused before any training
+
+
 def test_cli_builtin_funnel_on_tiny_synthetic(tmp_path):
     from cascade.records import dumps_toml
     from funnel_toys import builtin_stage_specs

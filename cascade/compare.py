@@ -280,12 +280,15 @@ def _num(x: float | None) -> float | None:
 
 
 def _run_label(runs: Sequence[Run], i: int) -> str:
-    """The run's name, or its folder name when two runs share a name."""
+    """The run's name, or its folder name when two runs share a name, or the name with its
+    position when the same folder is given twice."""
     names = [r.name for r in runs]
     if names.count(names[i]) == 1:
         return names[i]
     folders = [r.path.name for r in runs]
-    return folders[i] if folders.count(folders[i]) == 1 else str(runs[i].path)
+    if folders.count(folders[i]) == 1:
+        return folders[i]
+    return f"{names[i]}#{i + 1}"
 
 
 def _check_kind(runs: Sequence[Run]) -> None:

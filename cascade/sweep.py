@@ -182,6 +182,7 @@ def run_sweep(
         REPEAT_SHARE_FOR_EXCLUDE, build_stage, prepare, repeat_share, retrieval_overrides,
         traffic_key,
     )
+    from cascade.env import capture
     from cascade.pipeline import Budgets, Pipeline, stage_label
     from cascade.replay import replay
 
@@ -252,6 +253,7 @@ def run_sweep(
         "grid": {"retrieval_k": sorted({p[0] for p in pairs}),
                  "esr_k": sorted({p[1] for p in pairs}), "final_k": cfg.final_k},
         "device": str(ctx.device),
+        "env": capture(),
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "fit_seconds": fits,

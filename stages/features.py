@@ -10,6 +10,10 @@
   + time-gap-bucket embedding (+ optional recency-position embedding), zero at padding. This is
   the "MoA Config" feature fusion of GESR (shared/GESR.md) on public data.
 
+Training-data helpers used by several stages: `recent_history` (cut histories), `subsample`
+(cheap validation), `sequence_windows` (SASRec-style all-positions training), `NegativeSampler`
+(uniform + popularity negatives with the sampled-softmax logQ correction).
+
 Code 0 is "unknown" for categorical features and "padding" for multi-valued ones (see
 `cascade.data.dataset`), so every table uses `padding_idx=0`: unknown values contribute nothing.
 """
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 
 from cascade.data.dataset import FeatureTable
 from cascade.data.derive import N_ACTION_CODES, N_GAP_BUCKETS
-from cascade.data.traffic import RequestBatch
+from cascade.data.traffic import RequestBatch, Traffic
 
 Combine = Literal["sum", "concat"]
 
@@ -203,3 +207,119 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """(B, N, D) values, (B, N) bool -> (B, D) mean over the True positions (0 when none)."""
     m = mask[..., None].to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def recent_history(batch: RequestBatch, max_len: int | None) -> RequestBatch:
+    """The batch with each history cut to its most recent `max_len` events (still left-aligned,
+    right-padded with 0); `None` or a limit >= the batch's width returns the batch unchanged."""
+    n = batch.hist_items.shape[1]
+    if max_len is None or max_len >= n:
+        return batch
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
+    length = batch.hist_len.clamp(max=max_len)  # (B,)
+    start = batch.hist_len - length  # first kept position
+    ar = torch.arange(max_len, device=length.device)[None, :]
+    idx = (start[:, None] + ar).clamp(max=n - 1)  # (B, max_len)
+    keep = ar < length[:, None]
+
+    def cut(x: Tensor) -> Tensor:
+        return torch.where(keep, x.gather(1, idx), torch.zeros_like(idx))
+
+    from dataclasses import replace
+
+    return replace(
+        batch,
+        hist_items=cut(batch.hist_items),
+        hist_actions=cut(batch.hist_actions),
+        hist_gaps=cut(batch.hist_gaps),
+        hist_len=length,
+    )
+
+
+def subsample(traffic: Traffic, n: int) -> Traffic:
+    """At most n requests of a Traffic, evenly spaced (deterministic), e.g. for cheap validation."""
+    if len(traffic) <= n:
+        return traffic
+    return _rows(traffic, np.linspace(0, len(traffic) - 1, n).round().astype(np.int64))
+
+
+def sequence_windows(traffic: Traffic, width: int) -> Traffic:
+    """The training requests that cover every training event exactly once as a target when each
+    request's history is used at every position (SASRec-style causal training).
+
+    Per user, keep the requests at positions last, last - width, last - 2*width, ... (down to 1):
+    the request at p has history events p-width..p-1 and target p, so with the history's own
+    next items as targets it predicts events p-width+1..p. ~n_events/width windows instead of
+    n_events requests: the same examples for about 1/width of the encoder work.
+    """
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    if len(traffic) == 0:
+        return traffic
+    user, pos = traffic.user, traffic.pos
+    order = np.lexsort((pos, user))
+    u, p = user[order], pos[order]
+    is_last = np.r_[u[1:] != u[:-1], True]
+    last = np.repeat(p[is_last], np.diff(np.r_[0, np.flatnonzero(is_last) + 1]))
+    keep = order[(last - p) % width == 0]
+    return _rows(traffic, np.sort(keep))
+
+
+def _rows(traffic: Traffic, idx: np.ndarray) -> Traffic:
+    import polars as pl
+
+    table = pl.DataFrame(
+        {
+            "request_id": traffic.request_id[idx],
+            "user": traffic.user[idx],
+            "ts": traffic.ts[idx],
+            "pos": traffic.pos[idx],
+            "item": traffic.targets[idx, 0],
+        }
+    )
+    return Traffic(traffic.dataset, table, max_len=traffic.max_len)
+
+
+class NegativeSampler:
+    """Mixed negative sampling: a share `pop_frac` of the negatives is drawn in proportion to
+    item popularity ** `power` (hard negatives: items the user plausibly saw but did not pick),
+    the rest uniformly. `log_q` is the log of the expected number of times an item is drawn, the
+    correction sampled softmax subtracts from each sampled logit (Bengio & Senecal 2008)."""
+
+    def __init__(
+        self, counts: np.ndarray, *, pop_frac: float = 0.0, power: float = 0.75,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not 0.0 <= pop_frac <= 1.0:
+            raise ValueError(f"pop_frac must be in [0, 1], got {pop_frac}")
+        self.n_items = int(len(counts))
+        self.pop_frac = pop_frac
+        w = np.asarray(counts, dtype=np.float64) ** power
+        if w.sum() <= 0:  # no popularity information: fall back to uniform
+            w = np.ones(self.n_items)
+        self.probs = torch.as_tensor(w / w.sum(), dtype=torch.float32)  # on CPU for multinomial
+        self.device = torch.device(device)
+        self._probs_dev = self.probs.to(self.device)
+
+    def split(self, n_neg: int) -> tuple[int, int]:
+        n_pop = int(round(n_neg * self.pop_frac))
+        return n_pop, n_neg - n_pop
+
+    def sample(self, n_rows: int, n_neg: int, gen: torch.Generator) -> Tensor:
+        """(n_rows, n_neg) int64 item ids on the device (may hit the positive: mask it)."""
+        n_pop, n_uni = self.split(n_neg)
+        parts = []
+        if n_pop:
+            parts.append(
+                torch.multinomial(self.probs, n_rows * n_pop, replacement=True, generator=gen)
+                .view(n_rows, n_pop)
+            )
+        if n_uni:
+            parts.append(torch.randint(0, self.n_items, (n_rows, n_uni), generator=gen))
+        return torch.cat(parts, 1).to(self.device)
+
+    def log_q(self, ids: Tensor, n_neg: int) -> Tensor:
+        """log(expected draws of each id among n_neg negatives), same shape as ids."""
+        n_pop, n_uni = self.split(n_neg)
+        return torch.log(n_pop * self._probs_dev[ids] + n_uni / self.n_items)

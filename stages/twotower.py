@@ -1,0 +1,184 @@
+"""Two-tower early-stage ranker: the classic ESR (and the baseline GESR must beat).
+
+As in YouTube's candidate model (Covington et al., RecSys 2016) and the ESR described in GESR
+(Hong et al., arXiv 2511.21095): the user and item towers never see each other until the final
+dot product, so the item side is computed once and cached.
+
+- user tower: MLP over [user features ; mean of all history tokens ; mean of the `recent` newest
+  history tokens], a history token being item + action + time gap (`cascade.stages.features`).
+- item tower: MLP over the item id + item feature embedding (shared with the history tokens),
+  plus a scalar item bias.
+- score: <user, item> + bias. After `fit` (or loading the cached checkpoint) the item tower runs
+  once over the catalogue into an (n_items, D + 1) tensor on the device, so `score` is one gather
+  and a batched dot product.
+- training: pointwise log loss (BCE) on the logged positive against `n_negatives` sampled items
+  per request (uniform plus a share drawn by popularity); early stopping on `sampled_mrr`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cascade.data.traffic import RequestBatch
+from cascade.stages.base import FitContext, StageError, register
+from cascade.stages.features import (
+    HistoryTokenEmbedder,
+    ItemFeatureEmbedder,
+    NegativeSampler,
+    UserFeatureEmbedder,
+    masked_mean,
+    recent_history,
+    subsample,
+)
+from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
+
+PAD_SCORE = -1e9  # score of a -1 (padding) candidate: finite, below every real score
+
+
+@dataclass(frozen=True, kw_only=True)
+class TwoTowerConfig:
+    dim: int = 64
+    hidden: int = 128
+    recent: int = 5  # the user tower also pools this many newest history events
+    max_len: int | None = None  # use at most this many recent history events (None: all given)
+    n_negatives: int = 16
+    pop_negatives: float = 0.25  # share of negatives drawn by popularity ** 0.75
+    dropout: float = 0.1
+    valid_requests: int = 2000
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=10, batch_size=512, lr=2e-3, patience=2, max_steps_per_epoch=150
+        )
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden", "recent", "n_negatives", "valid_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TwoTowerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"TwoTowerConfig.max_len must be >= 1 or None, got {self.max_len}")
+        if not 0.0 <= self.pop_negatives <= 1.0:
+            raise ValueError(f"TwoTowerConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TwoTowerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError("TwoTowerConfig.train must be a TrainConfig")
+
+
+def mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
+    # the input LayerNorm puts small-initialised embeddings on a unit scale, so the dot product
+    # of the two towers gets useful gradients from the first step
+    return nn.Sequential(
+        nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_out)
+    )
+
+
+class TwoTowerModel(nn.Module):
+    def __init__(self, ctx: FitContext, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        ds = ctx.dataset
+        d = cfg.dim
+        self.max_len, self.recent = cfg.max_len, cfg.recent
+        self.items = ItemFeatureEmbedder(ds.items, ds.n_items, d)
+        self.history = HistoryTokenEmbedder(self.items)
+        self.user_feats = UserFeatureEmbedder(ds.users, d)
+        self.user_tower = mlp(3 * d, cfg.hidden, d, cfg.dropout)
+        self.item_tower = mlp(d, cfg.hidden, d, cfg.dropout)
+        self.item_bias = nn.Embedding(ds.n_items, 1)
+        nn.init.zeros_(self.item_bias.weight)
+
+    def user(self, batch: RequestBatch) -> Tensor:
+        """(B,) requests -> (B, D)."""
+        batch = recent_history(batch, self.max_len)
+        tok = self.history(batch)  # (B, N, D), 0 at padding
+        ar = torch.arange(tok.shape[1], device=tok.device)[None, :]
+        mask = batch.hist_mask
+        newest = mask & (ar >= (batch.hist_len[:, None] - self.recent))
+        x = torch.cat(
+            [self.user_feats(batch.user_feats), masked_mean(tok, mask), masked_mean(tok, newest)], -1
+        )
+        return self.user_tower(x)
+
+    def item(self, ids: Tensor) -> Tensor:
+        """(*) ids -> (*, D + 1): the item vector with its bias as the last column."""
+        return torch.cat([self.item_tower(self.items(ids)), self.item_bias(ids)], dim=-1)
+
+    @staticmethod
+    def combine(u: Tensor, v: Tensor) -> Tensor:
+        """u (B, D), v (B, K, D + 1) -> (B, K) logits."""
+        return torch.einsum("bd,bkd->bk", u, v[..., :-1]) + v[..., -1]
+
+    def forward(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
+        return self.combine(self.user(batch), self.item(candidates))
+
+    @torch.no_grad()
+    def all_items(self, chunk: int = 65536) -> Tensor:
+        n = self.items.n_items
+        dev = self.item_bias.weight.device
+        return torch.cat(
+            [self.item(torch.arange(s, min(s + chunk, n), device=dev)) for s in range(0, n, chunk)]
+        )
+
+
+@register("esr", "twotower")
+class TwoTowerESR:
+    """Two-tower ESR with cached item vectors (see the module docstring)."""
+
+    name = "twotower"
+    config_class = TwoTowerConfig
+
+    def __init__(self, config: TwoTowerConfig | None = None) -> None:
+        self.config = config or TwoTowerConfig()
+        if not isinstance(self.config, TwoTowerConfig):
+            raise ValueError(f"config must be a TwoTowerConfig, got {type(self.config).__name__}")
+        self.model: TwoTowerModel | None = None
+        self.item_vecs: Tensor | None = None  # (n_items, D + 1) on the device
+        self.report: dict = {}
+        self.device = torch.device("cpu")
+
+    def fit(self, ctx: FitContext) -> "TwoTowerESR":
+        cfg = self.config
+        self.device = ctx.device
+        model = TwoTowerModel(ctx, cfg).to(ctx.device)
+        self.model = model
+        counts = np.bincount(ctx.train.targets[:, 0], minlength=ctx.dataset.n_items)
+        sampler = NegativeSampler(counts, pop_frac=cfg.pop_negatives, device=ctx.device)
+        valid = subsample(ctx.valid, cfg.valid_requests)
+
+        def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
+            pos = batch.targets[:, :1]  # (B, 1)
+            neg = sampler.sample(len(batch), cfg.n_negatives, gen)  # (B, n)
+            logits = model(batch, torch.cat([pos, neg], 1))  # (B, 1 + n)
+            labels = torch.zeros_like(logits)
+            labels[:, 0] = 1.0
+            weight = torch.ones_like(logits)
+            weight[:, 1:] = (neg != pos).float()  # a sampled positive is not a negative
+            return F.binary_cross_entropy_with_logits(logits, labels, weight=weight, reduction="sum") / weight.sum()
+
+        def valid_fn() -> float:
+            return sampled_mrr(model, valid, ctx.device, seed=ctx.seed)
+
+        def train() -> dict:
+            return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="esr twotower")
+
+        self.report = cached_fit(model, stage="esr-twotower", config=cfg, ctx=ctx, train=train)
+        model.eval()
+        self.item_vecs = model.all_items()
+        return self
+
+    @torch.no_grad()
+    def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
+        """candidates (B, K) int64 -> (B, K) float32: one gather of cached item vectors and a
+        batched dot product. A -1 (padding) candidate scores PAD_SCORE."""
+        if self.model is None or self.item_vecs is None:
+            raise StageError(f"esr stage {self.name!r} is used before fit()")
+        self.model.eval()
+        batch = batch.to(self.device)
+        c = candidates.to(self.device)
+        s = self.model.combine(self.model.user(batch), self.item_vecs[c.clamp_min(0)])
+        return s.masked_fill(c < 0, PAD_SCORE).float()

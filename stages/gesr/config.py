@@ -1,0 +1,174 @@
+"""Configuration of GESR (Generative Early Stage Ranking, Hong et al., arXiv 2511.21095).
+
+`MoAConfig` is the paper's "MoA Config" plus the module switches: which Mixture-of-Attention
+modules run (Hard Matching Attention, target-aware self attention, NRO / RO cross attention),
+whether their embeddings are fused by MLPG, how the history is truncated in time and which
+(history feature, candidate feature) pairs HMA counts. `GESRConfig` holds the model sizes, the
+training objective and the `TrainConfig` of the shared loop.
+
+Every switch off gives back the plain two-tower ESR (the primary logit alone), so the ablation
+table (two-tower, +HMA, +self attention, +cross attention, +MLPG, full) is a set of configs.
+
+Both dataclasses accept plain dicts for their nested members (`GESRConfig(moa={...},
+train={...})`), so TOML tables and `--esr-config` JSON map onto them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cascade.stages.training import TrainConfig
+
+# HMA pairs (history feature vs candidate feature); "_pos" restricts the history to events
+# with a positive action (rating >= 4 on MovieLens).
+HMA_PAIRS: tuple[str, ...] = ("item", "category", "item_pos", "category_pos")
+CROSS_KINDS: tuple[str, ...] = ("nro", "ro")
+ATTN_KINDS: tuple[str, ...] = ("silu", "softmax")
+IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "ref")
+
+
+def _from_dict(cls: type, value: Any, owner: str) -> Any:
+    """`value` as a `cls` instance: a dict is unpacked (unknown keys named in the error)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(
+                f"{owner}: unknown key(s) {unknown}; allowed: {sorted(names)}"
+            )
+        return cls(**value)
+    raise ValueError(f"{owner} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoAConfig:
+    """Which MoA modules run, and the MoA Config preprocessing (GESR.md)."""
+
+    hma: bool = True  # Hard Matching Attention
+    self_attn: bool = True  # target-aware self attention over [history ; candidates]
+    cross_attn: tuple[str, ...] = CROSS_KINDS  # any of "nro", "ro"; () or False = off
+    mlpg: bool = True  # Multi-Logit Parameterized Gating; off = ungated concat -> one MLP
+    history_len: int = 50  # time truncation: the most recent N events are used
+    hma_pairs: tuple[str, ...] = HMA_PAIRS
+    hma_cap: int = 16  # M: match counts are capped at M (buckets 0..M)
+    token_features: bool = True  # history tokens also carry the item's feature embedding
+
+    def __post_init__(self) -> None:
+        cross = self.cross_attn
+        if cross is True:
+            cross = CROSS_KINDS
+        elif cross is False or cross is None:
+            cross = ()
+        elif isinstance(cross, str):
+            cross = CROSS_KINDS if cross == "both" else (() if cross == "none" else (cross,))
+        cross = tuple(cross)
+        bad = [c for c in cross if c not in CROSS_KINDS]
+        if bad or len(set(cross)) != len(cross):
+            raise ValueError(
+                f"MoAConfig.cross_attn must be a subset of {list(CROSS_KINDS)} (or true/false), "
+                f"got {self.cross_attn!r}"
+            )
+        object.__setattr__(self, "cross_attn", tuple(c for c in CROSS_KINDS if c in cross))
+        pairs = tuple(self.hma_pairs)
+        bad = [p for p in pairs if p not in HMA_PAIRS]
+        if bad or len(set(pairs)) != len(pairs):
+            raise ValueError(
+                f"MoAConfig.hma_pairs must be distinct names from {list(HMA_PAIRS)}, "
+                f"got {self.hma_pairs!r}"
+            )
+        object.__setattr__(self, "hma_pairs", pairs)
+        if self.hma and not pairs:
+            raise ValueError("MoAConfig.hma_pairs must not be empty while hma is on")
+        for name in ("hma", "self_attn", "mlpg", "token_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoAConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.history_len < 1:
+            raise ValueError(f"MoAConfig.history_len must be >= 1, got {self.history_len}")
+        if self.hma_cap < 1:
+            raise ValueError(f"MoAConfig.hma_cap must be >= 1, got {self.hma_cap}")
+
+    @property
+    def nro(self) -> bool:
+        return "nro" in self.cross_attn
+
+    @property
+    def ro(self) -> bool:
+        return "ro" in self.cross_attn
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Names of the enabled MoA embeddings, in the order the model fuses them."""
+        return tuple(
+            name
+            for name, on in (
+                ("match", self.hma),
+                ("self", self.self_attn),
+                ("nro", self.nro),
+                ("ro", self.ro),
+            )
+            if on
+        )
+
+    @classmethod
+    def two_tower(cls, **overrides: Any) -> "MoAConfig":
+        """Every MoA module off: GESR reduces to its two towers (the primary logit)."""
+        return cls(**{"hma": False, "self_attn": False, "cross_attn": (), "mlpg": False, **overrides})
+
+
+def _default_train() -> TrainConfig:
+    # sized for ml-100k in about a minute on 2 cores, shared with the other stages
+    return TrainConfig(epochs=4, batch_size=256, lr=3e-3, patience=1, max_steps_per_epoch=120)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GESRConfig:
+    """Model sizes, objective and training of the GESR early-stage ranker."""
+
+    dim: int = 48  # D: tower outputs, tokens and every MoA embedding
+    n_layers: int = 1  # target-aware self attention layers
+    n_heads: int = 2
+    attn_kind: str = "silu"  # "silu" (HSTU pointwise) or "softmax"
+    impl: str = "auto"  # attention implementation; auto = triton on CUDA, torch on CPU
+    cross_heads: int = 2  # heads of the NRO / RO cross attention
+    hma_dim: int = 16  # width of one HMA count-bucket embedding
+    mlp_hidden: int = 64  # hidden width of the HMA MLP and the secondary-logit MLPs
+    dropout: float = 0.0
+    recent: int = 5  # the user tower also pools this many newest history tokens
+    n_negatives: int = 16  # sampled negatives per training request
+    pop_negatives: float = 0.5  # share of them drawn by popularity ** 0.75 (the rest uniformly)
+    aux_weight: float = 0.5  # weight of the auxiliary BCE on the primary logit alone
+    valid_negatives: int = 100  # sampled_mrr negatives for early stopping
+    valid_requests: int = 2000  # validation requests used (evenly spaced subsample)
+    moa: MoAConfig = field(default_factory=MoAConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "moa", _from_dict(MoAConfig, self.moa, "GESRConfig.moa"))
+        object.__setattr__(self, "train", _from_dict(TrainConfig, self.train, "GESRConfig.train"))
+        for name in ("dim", "n_heads", "cross_heads", "hma_dim", "mlp_hidden", "recent",
+                     "n_negatives", "valid_negatives", "valid_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GESRConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_layers < 1:
+            raise ValueError(f"GESRConfig.n_layers must be >= 1, got {self.n_layers}")
+        for name, heads in (("n_heads", self.n_heads), ("cross_heads", self.cross_heads)):
+            if self.dim % heads:
+                raise ValueError(
+                    f"GESRConfig.dim ({self.dim}) must be divisible by GESRConfig.{name} ({heads})"
+                )
+        if self.attn_kind not in ATTN_KINDS:
+            raise ValueError(
+                f"GESRConfig.attn_kind must be one of {list(ATTN_KINDS)}, got {self.attn_kind!r}"
+            )
+        if self.impl not in IMPLS:
+            raise ValueError(f"GESRConfig.impl must be one of {list(IMPLS)}, got {self.impl!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GESRConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.pop_negatives <= 1.0:
+            raise ValueError(f"GESRConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
+        if self.aux_weight < 0:
+            raise ValueError(f"GESRConfig.aux_weight must be >= 0, got {self.aux_weight}")

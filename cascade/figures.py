@@ -145,12 +145,20 @@ def latency_figure(stats: pl.DataFrame, png: Path, *,
             patch.set_facecolor(color)
             patch.set_alpha(0.75)
         art["boxes"][0].set_label(name) if art["boxes"] else None
-    ax.set_xticks(range(len(stages)), stages)
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    from cascade.compare import FUNNEL_STAGE
+
+    ax.set_xticks(range(len(stages)),
+                  ["full funnel" if s == FUNNEL_STAGE else s for s in stages])
     ax.set_xlim(-0.6, len(stages) - 0.4)
     lo = float(stats["p1"].min())
     hi = float(stats["p99"].max())
     if lo > 0 and hi / lo > 30:
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("ms per batch (box p25-p75, whiskers p1/p99, dot mean)")
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(title)

@@ -46,9 +46,11 @@ def compare(
     ] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
 ) -> None:
-    """Put saved runs side by side: funnel recall, final metrics, latency and throughput of every
-    ESR variant of every run, with paired per-request deltas and bootstrap 95% intervals against
-    the first run's primary variant when the runs replayed the same traffic."""
+    """Put saved runs side by side (funnel recall, final metrics, latency, throughput).
+
+    Every ESR variant of every run is a column. When runs replayed the same traffic, each shows
+    paired per-request deltas with bootstrap 95% intervals against the first run's primary
+    variant; otherwise only the unpaired summaries, and the output says why."""
     from cascade import compare as cmp
 
     with _clean_errors():
@@ -140,9 +142,11 @@ def sweep(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Trained-stage cache.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress output.")] = False,
 ) -> None:
-    """Sweep retrieval K x ESR K for one or more ESRs: every stage is fitted once, the test
-    traffic replayed per budget pair; prints NDCG@10 against full-funnel p99 latency, the
-    non-dominated frontier, and with --p99-ms the best configuration under that budget."""
+    """Sweep retrieval K x ESR K for one or more ESRs under a latency budget.
+
+    Every stage is fitted once and the test traffic replayed per budget pair. Prints NDCG@10
+    against full-funnel p99 latency, the non-dominated frontier and, with --p99-ms, the best
+    configuration whose p99 stays under that budget."""
     import os
     import sys
 
@@ -187,7 +191,15 @@ def sweep(
         typer.echo(f"wrote {len(written)} files to {out}", err=fmt is not Format.table)
 
 
+def _help(fn) -> str:
+    """The docstring with each paragraph on one line: rich help keeps single newlines, which
+    would break the text at the source's line ends."""
+    import inspect
+
+    paras = inspect.cleandoc(fn.__doc__ or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paras)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("compare")(compare)
-    app.command("report")(report)
-    app.command("sweep")(sweep)
+    for name, fn in (("compare", compare), ("report", report), ("sweep", sweep)):
+        app.command(name, help=_help(fn))(fn)

@@ -1,0 +1,351 @@
+"""Late-stage ranker (LSR): target-aware attention over [history ; candidates] plus DCN-v2
+feature crossing. The heaviest, strongest model of the funnel.
+
+- Sequence part (HSTU, Zhai et al., arXiv 2402.17152, with GESR's target mask, Hong et al.,
+  arXiv 2511.21095): `cascade.stages.hstu.TargetAwareEncoder` over [history tokens ; candidate
+  tokens]; history tokens are causal and never see candidates, each candidate sees the whole
+  valid history and itself. So a request's history is encoded once (`encode_history`, K/V
+  cached per layer) and any number of candidates is scored against it (`score_candidates`):
+  removing or permuting the other candidates never changes a candidate's score.
+- Crossing part (DCN-v2, Wang et al., WWW 2021): x0 = [user features ; candidate item features ;
+  the encoder's candidate output ; the encoder's output at the newest history event], then
+  full-rank cross layers x_{l+1} = x0 * (W_l x_l + b_l) + x_l beside a deep MLP, and a linear head
+  over both; plus the scaled dot product of the candidate output with the candidate's item
+  embedding (the SASRec/HSTU score) as a direct path.
+- Tokens: history = item (id + features) + action code + absolute position; candidate = item +
+  a learned "candidate" marker. Time gaps are deliberately left out [ours]: they are relative to
+  the request time, which differs for every prefix of a training window (below), so using them
+  would make training and serving disagree.
+- Training (the efficiency trick the target mask allows): history tokens are causal, so the
+  history state of a window of N events contains the exact state of each of its prefixes; we
+  encode each training window (`cascade.stages.features.sequence_windows`) once and score
+  `prefixes_per_window` random prefixes of it, each against its next item and `n_negatives`
+  sampled items (uniform plus popularity-sampled hard negatives) under a sampled softmax with the
+  logQ correction. Early stopping on `sampled_mrr`.
+- Serving: `score(batch, candidates)` (the funnel) and `score_all(batch, chunk=...)` (every item,
+  in chunks, for the full-catalogue reference metric) both encode the history once per request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cascade.data.traffic import RequestBatch
+from cascade.stages.base import FitContext, StageError, register
+from cascade.stages.features import (
+    HistoryTokenEmbedder,
+    ItemFeatureEmbedder,
+    NegativeSampler,
+    UserFeatureEmbedder,
+    recent_history,
+    sequence_windows,
+    subsample,
+)
+from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
+from cascade.stages.twotower import PAD_SCORE
+
+
+@dataclass(frozen=True, kw_only=True)
+class LSRConfig:
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    attention: str = "silu"  # "silu" (HSTU pointwise) or "softmax"
+    impl: str = "auto"  # target-aware attention implementation: auto | torch | triton | ref
+    n_cross: int = 2  # DCN-v2 cross layers
+    hidden: int = 128  # width of the crossed features and of the deep MLP
+    dropout: float = 0.1
+    max_len: int | None = None  # use at most this many recent history events (None: all given)
+    n_negatives: int = 24
+    pop_negatives: float = 0.5  # share of negatives drawn by popularity ** 0.75 (hard ones)
+    prefixes_per_window: int = 8  # training examples taken from each encoded window
+    next_item_weight: float = 1.0  # weight of the generative next-item loss (0 = off)
+    in_batch_negatives: int = 512  # next-item loss: negatives drawn from the batch's positives
+    n_uniform_negatives: int = 512  # next-item loss: uniform negatives
+    temperature: float = 0.05  # next-item loss: cosine temperature
+    valid_requests: int = 2000
+    score_chunk: int = 512  # candidates scored per request at a time in score / score_all
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=12, batch_size=64, lr=2e-3, patience=2, max_steps_per_epoch=40
+        )
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "dim", "n_layers", "n_heads", "n_cross", "hidden", "n_negatives",
+            "prefixes_per_window", "valid_requests", "score_chunk",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LSRConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"LSRConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.attention not in ("silu", "softmax"):
+            raise ValueError(f"LSRConfig.attention must be 'silu' or 'softmax', got {self.attention!r}")
+        if self.impl not in ("auto", "torch", "triton", "ref"):
+            raise ValueError(
+                f"LSRConfig.impl must be one of 'auto', 'torch', 'triton', 'ref', got {self.impl!r}"
+            )
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"LSRConfig.max_len must be >= 1 or None, got {self.max_len}")
+        if not 0.0 <= self.pop_negatives <= 1.0:
+            raise ValueError(f"LSRConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LSRConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.next_item_weight < 0 or self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
+            raise ValueError(
+                "LSRConfig.next_item_weight, in_batch_negatives and n_uniform_negatives must be "
+                ">= 0"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"LSRConfig.temperature must be > 0, got {self.temperature}")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError("LSRConfig.train must be a TrainConfig")
+
+
+class CrossNetwork(nn.Module):
+    """DCN-v2 full-rank cross layers: x_{l+1} = x0 * (W_l x_l + b_l) + x_l."""
+
+    def __init__(self, dim: int, n_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class LSRModel(nn.Module):
+    def __init__(self, ctx: FitContext, cfg: LSRConfig) -> None:
+        super().__init__()
+        from cascade.stages.hstu import TargetAwareEncoder
+
+        ds = ctx.dataset
+        d = cfg.dim
+        self.width = ctx.train.max_len if cfg.max_len is None else min(cfg.max_len, ctx.train.max_len)
+        self.items = ItemFeatureEmbedder(ds.items, ds.n_items, d)
+        self.history = HistoryTokenEmbedder(self.items)  # item + action (gaps: see docstring)
+        self.position = nn.Embedding(self.width, d)
+        self.cand_marker = nn.Parameter(torch.zeros(d))
+        self.user_feats = UserFeatureEmbedder(ds.users, d)
+        self.encoder = TargetAwareEncoder(
+            d, cfg.n_layers, cfg.n_heads, kind=cfg.attention, dropout=cfg.dropout, impl=cfg.impl
+        )
+        # x0 = [user; item; candidate output; newest history output] (4D) projected to `hidden`:
+        # the crossing then costs O(hidden^2) per candidate instead of O(16 D^2)
+        self.x0 = nn.Sequential(nn.LayerNorm(4 * d), nn.Linear(4 * d, cfg.hidden))
+        self.cross = CrossNetwork(cfg.hidden, cfg.n_cross)
+        self.deep = nn.Sequential(
+            nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+            nn.Linear(cfg.hidden, cfg.hidden // 2), nn.GELU(),
+        )
+        self.head = nn.Linear(cfg.hidden + cfg.hidden // 2, 1)
+        self.dot_scale = 1.0 / math.sqrt(d)
+        self.next_proj = nn.Linear(d, d)  # history output -> next-item query (generative path)
+        self.next_item = nn.Linear(d, d)  # item embedding -> next-item key
+        self.inv_temp = 1.0 / cfg.temperature
+        nn.init.normal_(self.position.weight, std=0.02)
+
+    # -- tokens ------------------------------------------------------------------------------
+    def history_tokens(self, batch: RequestBatch) -> Tensor:
+        """(B, N, D) history tokens, 0 at padding (positions are absolute: see docstring)."""
+        gaps = torch.zeros_like(batch.hist_gaps)  # code 0 embeds to zero
+        x = self.history.embed(batch.hist_items, batch.hist_actions, gaps, batch.hist_len)
+        n = x.shape[1]
+        return x + self.position.weight[:n] * batch.hist_mask[..., None].to(x.dtype)
+
+    def encode(self, batch: RequestBatch):
+        """History through the encoder once -> (HistoryState, user features (B, D))."""
+        state = self.encoder.encode_history(self.history_tokens(batch), batch.hist_len)
+        return state, self.user_feats(batch.user_feats)
+
+    def next_query(self, hist_out: Tensor) -> Tensor:
+        """(..., D) history outputs -> unit-norm next-item queries."""
+        return F.normalize(self.next_proj(hist_out), dim=-1)
+
+    def next_key(self, item: Tensor) -> Tensor:
+        """(..., D) item embeddings -> unit-norm next-item keys."""
+        return F.normalize(item + self.next_item(item), dim=-1)
+
+    def score_with(self, state, user: Tensor, candidates: Tensor) -> Tensor:
+        """Candidates (B, n) against an encoded history -> (B, n) logits."""
+        item = self.items(candidates)  # (B, n, D)
+        out = self.encoder.score_candidates(state, item + self.cand_marker)  # (B, n, D)
+        return self.head_logits(user, item, out, state.output, state.hist_len)
+
+    def head_logits(
+        self, user: Tensor, item: Tensor, out: Tensor, hist_out: Tensor, hist_len: Tensor
+    ) -> Tensor:
+        """DCN-v2 crossing + deep MLP + the direct dot product -> (B, n) logits."""
+        b = torch.arange(hist_out.shape[0], device=hist_out.device)
+        newest = hist_out[b, (hist_len - 1).clamp_min(0)]  # (B, D)
+        newest = newest * (hist_len > 0)[:, None].to(newest.dtype)  # 0 without history
+        n = item.shape[1]
+        x0 = torch.cat(
+            [user[:, None].expand(-1, n, -1), item, out, newest[:, None].expand(-1, n, -1)], -1
+        )
+        x0 = self.x0(x0)  # (B, n, hidden)
+        logit = self.head(torch.cat([self.cross(x0), self.deep(x0)], -1)).squeeze(-1)
+        generative = self.inv_temp * (self.next_query(newest)[:, None] * self.next_key(item)).sum(-1)
+        return logit + self.dot_scale * (out * item).sum(-1) + generative
+
+    def forward(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
+        state, user = self.encode(batch)
+        return self.score_with(state, user, candidates)
+
+    def forward_naive(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
+        """The same score with one full [history ; candidate] sequence per candidate through
+        `TargetAwareEncoder.forward_naive`: the definition the cached path must equal."""
+        hist = self.history_tokens(batch)
+        item = self.items(candidates)
+        out = self.encoder.forward_naive(hist, batch.hist_len, item + self.cand_marker)
+        hist_out, _ = self.encoder(hist, batch.hist_len, item[:, :0])  # history, no candidates
+        user = self.user_feats(batch.user_feats)
+        return self.head_logits(user, item, out, hist_out, batch.hist_len)
+
+
+def prefix_state(state, rows: Tensor, lengths: Tensor):
+    """The encoded state of the first `lengths[i]` events of window `rows[i]`: exact, because
+    history tokens are causal (a prefix's K/V and outputs do not depend on later events)."""
+    return replace(state.select(rows), hist_len=lengths)
+
+
+@register("lsr", "lsr")
+class LateStageRanker:
+    """Target-aware attention + DCN-v2 late-stage ranker (see the module docstring)."""
+
+    name = "lsr"
+    config_class = LSRConfig
+
+    def __init__(self, config: LSRConfig | None = None) -> None:
+        self.config = config or LSRConfig()
+        if not isinstance(self.config, LSRConfig):
+            raise ValueError(f"config must be an LSRConfig, got {type(self.config).__name__}")
+        self.model: LSRModel | None = None
+        self.report: dict = {}
+        self.device = torch.device("cpu")
+
+    def fit(self, ctx: FitContext) -> "LateStageRanker":
+        cfg = self.config
+        self.device = ctx.device
+        model = LSRModel(ctx, cfg).to(ctx.device)
+        self.model = model
+        n_items = ctx.dataset.n_items
+        counts = np.bincount(ctx.train.targets[:, 0], minlength=n_items)
+        sampler = NegativeSampler(counts, pop_frac=cfg.pop_negatives, device=ctx.device)
+        freq = torch.as_tensor(counts / max(counts.sum(), 1), dtype=torch.float32, device=ctx.device)
+        windows = sequence_windows(ctx.train, model.width)
+        valid = subsample(ctx.valid, cfg.valid_requests)
+        r = cfg.prefixes_per_window
+
+        def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
+            batch = recent_history(batch, model.width)
+            state, user = model.encode(batch)
+            b = len(batch)
+            rows = torch.arange(b, device=ctx.device).repeat_interleave(r)  # (B*R,)
+            # prefix length l in 1..hist_len predicts event l (the window's target when l = len)
+            frac = torch.rand(b * r, generator=gen).to(ctx.device)
+            lens = (frac * batch.hist_len[rows]).long() + 1  # (B*R,)
+            nxt = torch.cat([batch.hist_items, batch.targets[:, :1]], 1)  # (B, N+1)
+            nxt = nxt.scatter(1, batch.hist_len[:, None], batch.targets[:, :1])
+            pos = nxt[rows, lens][:, None]  # (B*R, 1)
+            neg = sampler.sample(b * r, cfg.n_negatives, gen)  # (B*R, n)
+            cand = torch.cat([pos, neg], 1)
+            logits = model.score_with(prefix_state(state, rows, lens), user[rows], cand)
+            logits = logits - sampler.log_q(cand, cfg.n_negatives)
+            hit = torch.cat([torch.zeros_like(pos, dtype=torch.bool), neg == pos], 1)
+            logits = logits.masked_fill(hit, -math.inf)  # a sampled positive is no negative
+            rank_loss = F.cross_entropy(logits, torch.zeros(b * r, dtype=torch.long, device=ctx.device))
+            if cfg.next_item_weight == 0:
+                return rank_loss
+            return rank_loss + cfg.next_item_weight * next_item_loss(state.output, nxt[:, 1:], batch, gen)
+
+        def next_item_loss(hist_out: Tensor, nxt: Tensor, batch: RequestBatch, gen) -> Tensor:
+            # HSTU's generative objective: the history output after event j predicts event j+1,
+            # at every position at once, against shared in-batch + uniform negatives (logQ)
+            valid = batch.hist_mask
+            q, pos = model.next_query(hist_out[valid]), nxt[valid]  # (P, D), (P,)
+            s_in, m = min(cfg.in_batch_negatives, pos.shape[0]), cfg.n_uniform_negatives
+            inb = pos[torch.randint(0, pos.shape[0], (s_in,), generator=gen).to(ctx.device)]
+            uni = torch.randint(0, n_items, (m,), generator=gen).to(ctx.device)
+            cols = torch.cat([inb, uni])
+
+            def log_q(ids: Tensor) -> Tensor:
+                return torch.log(s_in * freq[ids] + m / n_items)
+
+            k_pos, k_neg = model.next_key(model.items(pos)), model.next_key(model.items(cols))
+            pos_logit = model.inv_temp * (q * k_pos).sum(-1) - log_q(pos)
+            neg_logit = model.inv_temp * q @ k_neg.T - log_q(cols)[None, :]
+            neg_logit = neg_logit.masked_fill(pos[:, None] == cols[None, :], -math.inf)
+            logits = torch.cat([pos_logit[:, None], neg_logit], 1)
+            return F.cross_entropy(logits, torch.zeros_like(pos))
+
+        def valid_fn() -> float:
+            return sampled_mrr(self._score_model, valid, ctx.device, seed=ctx.seed)
+
+        def train() -> dict:
+            return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="lsr", train=windows)
+
+        self.report = cached_fit(model, stage="lsr", config=cfg, ctx=ctx, train=train)
+        model.eval()
+        return self
+
+    def _score_model(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
+        assert self.model is not None
+        return self.model(recent_history(batch, self.model.width), candidates)
+
+    def _check_fitted(self) -> LSRModel:
+        if self.model is None:
+            raise StageError(f"lsr stage {self.name!r} is used before fit()")
+        self.model.eval()
+        return self.model
+
+    @torch.no_grad()
+    def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
+        """candidates (B, K) int64 -> (B, K) float32; the history is encoded once per request and
+        the candidates scored against it in chunks of `score_chunk`."""
+        model = self._check_fitted()
+        batch = recent_history(batch.to(self.device), model.width)
+        c = candidates.to(self.device)
+        state, user = model.encode(batch)
+        safe = c.clamp_min(0)
+        step = self.config.score_chunk
+        out = torch.cat(
+            [model.score_with(state, user, safe[:, s : s + step]) for s in range(0, c.shape[1], step)],
+            dim=1,
+        )
+        return out.masked_fill(c < 0, PAD_SCORE).float()
+
+    @torch.no_grad()
+    def score_all(self, batch: RequestBatch, chunk: int | None = None) -> Tensor:
+        """(B, n_items) float32 scores of every item (the full-catalogue reference)."""
+        model = self._check_fitted()
+        step = chunk or self.config.score_chunk
+        if step < 1:
+            raise ValueError(f"score_all: chunk must be >= 1, got {step}")
+        batch = recent_history(batch.to(self.device), model.width)
+        state, user = model.encode(batch)
+        n = model.items.n_items
+        parts = []
+        for s in range(0, n, step):
+            ids = torch.arange(s, min(s + step, n), device=self.device)
+            parts.append(model.score_with(state, user, ids[None, :].expand(len(batch), -1)))
+        return torch.cat(parts, dim=1).float()
+
+    @torch.no_grad()
+    def score_naive(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
+        """Reference scoring through `forward_naive` (one sequence per candidate); tests only."""
+        model = self._check_fitted()
+        batch = recent_history(batch.to(self.device), model.width)
+        return model.forward_naive(batch, candidates.to(self.device)).float()

@@ -22,11 +22,14 @@ from typing import Any
 from cascade.stages.training import TrainConfig
 
 # HMA pairs (history feature vs candidate feature); "_pos" restricts the history to events
-# with a positive action (rating >= 4 on MovieLens).
-HMA_PAIRS: tuple[str, ...] = ("item", "category", "item_pos", "category_pos")
+# with a positive action (rating >= 4 on MovieLens), "_recent" to the `hma_recent` newest events.
+HMA_PAIRS: tuple[str, ...] = (
+    "item", "category", "item_pos", "category_pos", "item_recent", "category_recent"
+)
 CROSS_KINDS: tuple[str, ...] = ("nro", "ro")
 ATTN_KINDS: tuple[str, ...] = ("silu", "softmax")
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "ref")
+NRO_QUERIES: tuple[str, ...] = ("item", "features")
 
 
 def _from_dict(cls: type, value: Any, owner: str) -> Any:
@@ -55,6 +58,7 @@ class MoAConfig:
     history_len: int = 50  # time truncation: the most recent N events are used
     hma_pairs: tuple[str, ...] = HMA_PAIRS
     hma_cap: int = 16  # M: match counts are capped at M (buckets 0..M)
+    hma_recent: int = 10  # window of the "_recent" pairs
     token_features: bool = True  # history tokens also carry the item's feature embedding
 
     def __post_init__(self) -> None:
@@ -88,6 +92,8 @@ class MoAConfig:
                 raise ValueError(f"MoAConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.history_len < 1:
             raise ValueError(f"MoAConfig.history_len must be >= 1, got {self.history_len}")
+        if self.hma_recent < 1:
+            raise ValueError(f"MoAConfig.hma_recent must be >= 1, got {self.hma_recent}")
         if self.hma_cap < 1:
             raise ValueError(f"MoAConfig.hma_cap must be >= 1, got {self.hma_cap}")
 
@@ -128,14 +134,18 @@ def _default_train() -> TrainConfig:
 class GESRConfig:
     """Model sizes, objective and training of the GESR early-stage ranker."""
 
-    dim: int = 48  # D: tower outputs, tokens and every MoA embedding
+    dim: int = 64  # D: the towers (user, item) and the embeddings they share with the MoA
+    hidden: int = 128  # hidden width of the tower MLPs
+    moa_dim: int = 16  # d: width of every MoA embedding (T_match, T_self, T_nro, T_ro) and token
     n_layers: int = 1  # target-aware self attention layers
-    n_heads: int = 2
+    n_heads: int = 2  # heads of the self attention (over moa_dim)
     attn_kind: str = "silu"  # "silu" (HSTU pointwise) or "softmax"
     impl: str = "auto"  # attention implementation; auto = triton on CUDA, torch on CPU
-    cross_heads: int = 2  # heads of the NRO / RO cross attention
-    hma_dim: int = 16  # width of one HMA count-bucket embedding
-    mlp_hidden: int = 64  # hidden width of the HMA MLP and the secondary-logit MLPs
+    cross_heads: int = 2  # heads of the NRO / RO cross attention (over moa_dim)
+    nro_queries: str = "item"  # NRO queries per candidate: "item" (one: its pooled feature
+    #                            embedding) or "features" (one per feature token: F x the cost)
+    hma_dim: int = 8  # width of one HMA count-bucket embedding
+    logit_hidden: int = 32  # hidden width of the HMA MLP and of the secondary-logit MLPs
     dropout: float = 0.0
     recent: int = 5  # the user tower also pools this many newest history tokens
     n_negatives: int = 16  # sampled negatives per training request
@@ -143,26 +153,35 @@ class GESRConfig:
     aux_weight: float = 0.5  # weight of the auxiliary BCE on the primary logit alone
     valid_negatives: int = 100  # sampled_mrr negatives for early stopping
     valid_requests: int = 2000  # validation requests used (evenly spaced subsample)
+    score_chunk_pairs: int = 16384  # serving: requests are scored in groups of about this many
+    #                                 (request, candidate) pairs, so the per-pair intermediates
+    #                                 stay in cache (on CPU ~2x faster than one huge call)
     moa: MoAConfig = field(default_factory=MoAConfig)
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "moa", _from_dict(MoAConfig, self.moa, "GESRConfig.moa"))
         object.__setattr__(self, "train", _from_dict(TrainConfig, self.train, "GESRConfig.train"))
-        for name in ("dim", "n_heads", "cross_heads", "hma_dim", "mlp_hidden", "recent",
-                     "n_negatives", "valid_negatives", "valid_requests"):
+        for name in ("dim", "hidden", "moa_dim", "n_heads", "cross_heads", "hma_dim",
+                     "logit_hidden", "recent",
+                     "n_negatives", "valid_negatives", "valid_requests", "score_chunk_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GESRConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_layers < 1:
             raise ValueError(f"GESRConfig.n_layers must be >= 1, got {self.n_layers}")
         for name, heads in (("n_heads", self.n_heads), ("cross_heads", self.cross_heads)):
-            if self.dim % heads:
+            if self.moa_dim % heads:
                 raise ValueError(
-                    f"GESRConfig.dim ({self.dim}) must be divisible by GESRConfig.{name} ({heads})"
+                    f"GESRConfig.moa_dim ({self.moa_dim}) must be divisible by "
+                    f"GESRConfig.{name} ({heads})"
                 )
         if self.attn_kind not in ATTN_KINDS:
             raise ValueError(
                 f"GESRConfig.attn_kind must be one of {list(ATTN_KINDS)}, got {self.attn_kind!r}"
+            )
+        if self.nro_queries not in NRO_QUERIES:
+            raise ValueError(
+                f"GESRConfig.nro_queries must be one of {list(NRO_QUERIES)}, got {self.nro_queries!r}"
             )
         if self.impl not in IMPLS:
             raise ValueError(f"GESRConfig.impl must be one of {list(IMPLS)}, got {self.impl!r}")

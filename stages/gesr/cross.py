@@ -12,7 +12,8 @@ ours (shared/GESR.md):
 
 Both are ordinary multi-head softmax attention (padding masked), with the outputs of a set of
 query tokens mean-pooled into one vector per candidate [ours] (pooled before the output
-projection, which is linear, so the result is the same at 1/F or 1/R of the cost). Serving decomposition:
+projection, which is linear, so the result is the same at 1/F or 1/R of the cost).
+Serving decomposition:
 - the request side is projected once per request (`NROCrossAttention.context`: history and user
   K/V; `ROCrossAttention.queries`: the user/context queries);
 - the item side depends on the item only, so its projections (`NROCrossAttention.item_queries`,
@@ -28,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -72,10 +74,10 @@ class NROCrossAttention(nn.Module):
     def forward(self, ctx: CrossContext, cand_q: Tensor) -> Tensor:
         """cand_q (B, n, F, D) projected candidate queries -> T_nro (B, n, D)."""
         b, n, f, d = cand_q.shape
-        q = _heads(cand_q.reshape(b, n * f, d), self.heads).transpose(1, 2)  # (B, H, nF, d)
-        logits = q @ ctx.k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, nF, S)
-        logits = logits.masked_fill(~ctx.mask[:, None, None, :], float("-inf"))
-        att = torch.softmax(logits, dim=-1) @ ctx.v  # (B, H, nF, d)
+        q = _heads(cand_q.reshape(b, n * f, d), self.heads).transpose(1, 2)  # (B, H, nF, d/H)
+        # fused attention (no (B, H, nF, S) logits tensor on CPU flash paths); S always has the
+        # null token, so no row is fully masked
+        att = F.scaled_dot_product_attention(q, ctx.k, ctx.v, attn_mask=ctx.mask[:, None, None, :])
         att = att.transpose(1, 2).reshape(b, n, f, d).mean(dim=2)  # (B, n, D)
         return self.norm(self.out(att))  # out is linear: pooling first is the same, F x cheaper
 
@@ -100,9 +102,14 @@ class ROCrossAttention(nn.Module):
         return self.kv(item_tokens)
 
     def forward(self, q: Tensor, cand_kv: Tensor) -> Tensor:
-        """q (B, H, R, d), cand_kv (B, n, F, 2D) -> T_ro (B, n, D)."""
+        """q (B, H, R, d), cand_kv (B, n, F, 2D) -> T_ro (B, n, D).
+
+        The R query outputs are averaged, and v does not depend on the query, so the mean of
+        the R softmax-weighted sums is one sum weighted by the mean of the R weight vectors."""
         b, n, f, _ = cand_kv.shape
-        k, v = _heads(cand_kv, self.heads).chunk(2, dim=-1)  # 2 x (B, n, F, H, d)
-        logits = torch.einsum("bhrd,bnfhd->bnhrf", q, k) / q.shape[-1] ** 0.5
-        att = torch.einsum("bnhrf,bnfhd->bnhd", torch.softmax(logits, dim=-1), v) / q.shape[2]
-        return self.norm(self.out(att.flatten(-2)))  # mean over the R queries, then out (linear)
+        h = self.heads
+        k, v = _heads(cand_kv, h).chunk(2, dim=-1)  # 2 x (B, n, F, H, d)
+        logits = torch.einsum("bmhd,bhrd->bmhr", k.reshape(b, n * f, h, -1), q)  # (B, nF, H, R)
+        w = torch.softmax(logits.view(b, n, f, h, -1) / q.shape[-1] ** 0.5, dim=2).mean(-1)
+        att = (w[..., None] * v).sum(dim=2)  # (B, n, H, d)
+        return self.norm(self.out(att.flatten(-2)))

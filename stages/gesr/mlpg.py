@@ -9,6 +9,10 @@ shared/GESR.md], for each enabled MoA embedding E_k in {T_match, T_self, T_nro, 
     l   = l0 + sum_k beta_k * l_k        beta_k learned scalars, l0 the two-tower dot product
 [ours] beta_k start at 1 and the last layer of every MLP_k starts at zero, so a fresh GESR
 scores exactly like its two towers and the secondary logits grow from there.
+[ours] Serving decomposition, exact: W_k [u ; i] = A_k u + C_k i, so the user part is computed
+once per request (`user_gates`) and the item part once per item (`item_gates`, cached for the
+catalogue with the item tower); per (request, candidate) pair only an add and a sigmoid remain.
+The K MLPs run as one batched product over stacked weights (K, d, h).
 
 `UngatedFusion` is the ablation row without MLPG [ours]: the MoA embeddings are concatenated and
 one MLP gives one secondary logit added to l0 (no gates, no per-embedding logits), so "+MLPG"
@@ -19,39 +23,57 @@ MoA embeddings.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _logit_mlp(dim: int, hidden: int) -> nn.Sequential:
-    mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-    nn.init.zeros_(mlp[-1].weight)
-    nn.init.zeros_(mlp[-1].bias)
-    return mlp
+class StackedLogitMLPs(nn.Module):
+    """K independent MLPs d -> h -> 1 (SiLU) over (..., K, d), as one batched product.
+    The last layer starts at zero (see module docstring)."""
+
+    def __init__(self, k: int, d: int, h: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(k, d, h) / d**0.5)
+        self.b1 = nn.Parameter(torch.zeros(k, h))
+        self.w2 = nn.Parameter(torch.zeros(k, h))
+        self.b2 = nn.Parameter(torch.zeros(k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., K, d) -> (..., K)."""
+        h = F.silu(torch.einsum("...kd,kdh->...kh", x, self.w1) + self.b1)
+        return (h * self.w2).sum(-1) + self.b2
 
 
 class MLPG(nn.Module):
     """Gated parallel secondary logits, fused with the primary logit."""
 
-    def __init__(self, names: tuple[str, ...], dim: int, hidden: int) -> None:
+    def __init__(self, names: tuple[str, ...], dim: int, tower_dim: int, hidden: int) -> None:
         super().__init__()
         self.names = tuple(names)
-        self.gates = nn.ModuleDict({k: nn.Linear(2 * dim, dim) for k in self.names})
-        self.mlps = nn.ModuleDict({k: _logit_mlp(dim, hidden) for k in self.names})
-        self.beta = nn.Parameter(torch.ones(len(self.names)))
+        k = len(self.names)
+        self.dim = dim
+        self.gate_user = nn.Linear(tower_dim, k * dim)  # A_k u + bias, all k at once
+        self.gate_item = nn.Linear(tower_dim, k * dim, bias=False)  # C_k i
+        self.mlps = StackedLogitMLPs(k, dim, hidden)
+        self.beta = nn.Parameter(torch.ones(k))
 
-    def secondary(self, u: Tensor, i: Tensor, embs: dict[str, Tensor]) -> Tensor:
-        """u (B, D) user tower, i (B, n, D) item tower, embs name -> (B, n, D)
-        -> (B, n, K) secondary logits l_k (before beta)."""
-        ui = torch.cat([u[:, None, :].expand_as(i), i], dim=-1)  # (B, n, 2D)
-        out = []
-        for k in self.names:
-            g = 2.0 * torch.sigmoid(self.gates[k](ui))  # (B, n, D)
-            out.append(self.mlps[k](g * embs[k]).squeeze(-1))
-        return torch.stack(out, dim=-1)
+    def user_gates(self, u: Tensor) -> Tensor:
+        """(B, D) -> (B, K, d), once per request."""
+        return self.gate_user(u).unflatten(-1, (len(self.names), self.dim))
 
-    def forward(self, l0: Tensor, u: Tensor, i: Tensor, embs: dict[str, Tensor]) -> Tensor:
+    def item_gates(self, i: Tensor) -> Tensor:
+        """(..., D) item tower outputs -> (..., K, d), once per item (cacheable)."""
+        return self.gate_item(i).unflatten(-1, (len(self.names), self.dim))
+
+    def secondary(self, gu: Tensor, gi: Tensor, embs: dict[str, Tensor]) -> Tensor:
+        """gu (B, K, d), gi (B, n, K, d), embs name -> (B, n, d) -> (B, n, K) logits l_k."""
+        g = 2.0 * torch.sigmoid(gu[:, None] + gi)  # (B, n, K, d)
+        e = torch.stack([embs[k] for k in self.names], dim=-2)  # (B, n, K, d)
+        return self.mlps(g * e)
+
+    def forward(self, l0: Tensor, gu: Tensor, gi: Tensor, embs: dict[str, Tensor]) -> Tensor:
         """-> l (B, n) = l0 + sum_k beta_k l_k."""
-        return l0 + self.secondary(u, i, embs) @ self.beta
+        return l0 + self.secondary(gu, gi, embs) @ self.beta
 
 
 class UngatedFusion(nn.Module):
@@ -60,8 +82,8 @@ class UngatedFusion(nn.Module):
     def __init__(self, names: tuple[str, ...], dim: int, hidden: int) -> None:
         super().__init__()
         self.names = tuple(names)
-        self.mlp = _logit_mlp(len(self.names) * dim, hidden)
+        self.mlp = StackedLogitMLPs(1, len(self.names) * dim, hidden)
 
-    def forward(self, l0: Tensor, u: Tensor, i: Tensor, embs: dict[str, Tensor]) -> Tensor:
-        x = torch.cat([embs[k] for k in self.names], dim=-1)
+    def forward(self, l0: Tensor, embs: dict[str, Tensor]) -> Tensor:
+        x = torch.cat([embs[k] for k in self.names], dim=-1)[..., None, :]  # (B, n, 1, K d)
         return l0 + self.mlp(x).squeeze(-1)

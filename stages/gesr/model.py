@@ -8,31 +8,39 @@ shared/GESR.md; [paper]/[reading]/[HSTU]/[ours] mark where each choice comes fro
   (n_items, D); primary logit l0 = <u, i> + b_item. [ours] the towers mirror the two-tower ESR
   stage (`stages/twotower.py`: the same pooling and a per-item bias), so the ablation's
   "two-tower" row and GESR with every module off are the same model family.
-  Item-tower outputs (with the bias) are cached for the whole catalogue (`cache_items`).
 - MoA Config [reading]: one token per history event = item embedding (id + item features, the
   same `ItemFeatureEmbedder` as the candidates) + action code (pad / negative / neutral /
   positive, derived from ratings) + log time-gap bucket + recency position
   (`cascade.stages.features.HistoryTokenEmbedder`); the history is truncated in time to the
   most recent `moa.history_len` events (`features.recent_history`).
-- MoA modules, each switchable (`MoAConfig`):
+- MoA modules, each switchable (`MoAConfig`), all of width d = `moa_dim`:
   T_match: Hard Matching Attention (`hma.py`); T_self: target-aware self attention, the shared
   `cascade.stages.hstu.TargetAwareEncoder` over [history tokens ; candidate tokens] with the
   target mask [reading]+[HSTU]; T_nro / T_ro: NRO / RO cross attention (`cross.py`).
-  [ours] candidate tokens for self attention = the candidate's item embedding plus a learned
-  "candidate" type vector (candidates have no action or gap).
-  [ours] user/context tokens = [learned null token ; user feature tokens ; u].
+  [ours] the MoA works at a narrower width d than the towers (D): everything it computes is per
+  (request, candidate) pair, the ESR scores hundreds of candidates per request, and that cost is
+  what GESR adds to the funnel; the tokens enter the MoA through one linear map D -> d.
+  [ours] candidate tokens for self attention = the candidate's item embedding (mapped to d) plus
+  a learned "candidate" type vector (candidates have no action or gap).
+  [ours] user/context tokens = [learned null token ; user feature tokens ; u], mapped to d.
+  [ours] NRO queries: by default one per candidate, its pooled item embedding (the sum of its
+  feature tokens); `nro_queries="features"` uses one query per feature token as GESR.md words
+  it, at F times the per-pair cost (the dominant one on CPU: (B, n F, N) attention logits).
 - Fusion: MLPG (`mlpg.py`) -> l = l0 + sum_k beta_k l_k; without MLPG an ungated concat MLP.
   With every module off the model is exactly its two towers.
 
 Serving path (what `GESRStage.score` runs), never one sequence per candidate:
-    state = model.encode_request(batch)        # history tokens, encoder K/V, cross-attention K/V,
-                                                # HMA history structures: once per request
+    state = model.encode_request(batch)           # once per request: user tower, history
+                                                  # tokens, encoder K/V, NRO K/V, RO queries,
+                                                  # HMA history structures, user-side gates
     logits = model.score_candidates(state, cand)  # all candidates of all requests, batched
-Item-only quantities (item-tower outputs, candidate tokens, NRO queries, RO keys/values) come
-from the catalogue cache built by `cache_items()` in eval mode (dropped again by `.train()`).
-`score_naive` is the per-candidate reference: for each candidate it re-encodes the full
-sequence [history ; candidate], re-projects every cross-attention K/V, counts HMA matches by
-direct comparison and recomputes the item tower; the tests check the serving path against it.
+Item-only quantities (item-tower output and bias, MLPG item gates, self-attention candidate
+tokens, NRO queries, RO keys/values) come from the catalogue cache built by `cache_items()` in
+eval mode (dropped again by `.train()`); without a cache (training) they are computed once per
+distinct item of the batch. `score_naive` is the per-candidate reference: for each candidate it
+re-encodes the full sequence [history ; candidate] (`TargetAwareEncoder.forward`), re-projects
+every cross-attention K/V, counts HMA matches by direct comparison through the unfolded MLP and
+recomputes the towers; the tests check the serving path against it.
 """
 
 from __future__ import annotations
@@ -57,8 +65,9 @@ from cascade.stages.gesr.cross import CrossContext, NROCrossAttention, ROCrossAt
 from cascade.stages.gesr.hma import HardMatchingAttention, HMAHistory, naive_counts
 from cascade.stages.gesr.mlpg import MLPG, UngatedFusion
 
-# item-side caches above this size are not built; those projections run per batch instead
-CACHE_LIMIT_BYTES = 1 << 30
+# the cross-attention item projections (F tokens per item) are cached for the catalogue only
+# below this size; above it they are projected per batch (for the batch's distinct items)
+TOKEN_CACHE_LIMIT_BYTES = 512 << 20
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -70,23 +79,23 @@ class RequestState:
     """Everything GESR computes once per request (B requests)."""
 
     u: Tensor  # (B, D) user tower output
-    user_tokens: Tensor  # (B, R, D) null token, user feature tokens, u
-    hist_len: Tensor  # (B,) after time truncation
+    gates: Tensor | None  # (B, K, d) user part of the MLPG gates (MLPG on)
     enc: object | None  # TargetAwareEncoder HistoryState (self attention on)
     nro: CrossContext | None  # NRO keys/values (nro on)
-    ro_q: Tensor | None  # (B, H, R, d) RO queries (ro on)
+    ro_q: Tensor | None  # (B, H, R, d/H) RO queries (ro on)
     hma: HMAHistory | None  # HMA history structures (hma on)
 
 
 @dataclass
 class ItemCache:
-    """Item-only quantities for the whole catalogue, computed once after training."""
+    """Item-only quantities, for the catalogue (cache) or a batch's distinct items."""
 
-    tower: Tensor  # (n_items, D) item tower outputs
-    bias: Tensor  # (n_items,) item bias of the primary logit
-    cand_tokens: Tensor | None  # (n_items, D) self-attention candidate tokens
-    nro_q: Tensor | None  # (n_items, F, D) NRO queries
-    ro_kv: Tensor | None  # (n_items, F, 2D) RO keys|values
+    tower: Tensor  # (m, D) item tower outputs
+    bias: Tensor  # (m,) item bias of the primary logit
+    gates: Tensor | None  # (m, K, d) item part of the MLPG gates
+    cand_tokens: Tensor | None  # (m, d) self-attention candidate tokens
+    nro_q: Tensor | None  # (m, F, d) NRO queries
+    ro_kv: Tensor | None  # (m, F, 2d) RO keys|values
 
 
 class GESRModel(nn.Module):
@@ -103,27 +112,32 @@ class GESRModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         moa = cfg.moa
-        d = cfg.dim
+        big, d = cfg.dim, cfg.moa_dim
         self.n_items = n_items
         token_feats = item_features if moa.token_features else FeatureTable(n=n_items)
-        self.items = ItemFeatureEmbedder(token_feats, n_items, d)
+        self.items = ItemFeatureEmbedder(token_feats, n_items, big)
         self.history = HistoryTokenEmbedder(self.items, max_len=moa.history_len)
-        self.users = UserFeatureEmbedder(user_features, d)
-        self.user_tower = _mlp(3 * d, cfg.mlp_hidden, d)
-        self.item_tower = _mlp(d, cfg.mlp_hidden, d)
+        self.users = UserFeatureEmbedder(user_features, big)
+        self.user_tower = _mlp(3 * big, cfg.hidden, big)
+        self.item_tower = _mlp(big, cfg.hidden, big)
         self.item_bias = nn.Embedding(n_items, 1)
         nn.init.zeros_(self.item_bias.weight)
+
         self.modules_on = moa.modules
-        any_user_tokens = moa.nro or moa.ro
-        self.null_token = nn.Parameter(torch.randn(1, 1, d) * 0.05) if any_user_tokens else None
+        needs_tokens = moa.self_attn or moa.nro or moa.ro
+        self.to_moa = nn.Linear(big, d) if needs_tokens else None  # item/history tokens D -> d
+        needs_user = moa.nro or moa.ro
+        self.user_to_moa = nn.Linear(big, d) if needs_user else None
+        self.null_token = nn.Parameter(torch.randn(1, 1, d) * 0.05) if needs_user else None
         self.hma = (
             HardMatchingAttention(
                 pairs=moa.hma_pairs,
                 cap=moa.hma_cap,
+                recent=moa.hma_recent,
                 item_categories=item_categories,
                 n_categories=n_categories,
                 emb_dim=cfg.hma_dim,
-                hidden=cfg.mlp_hidden,
+                hidden=cfg.logit_hidden,
                 out_dim=d,
             )
             if moa.hma
@@ -140,12 +154,13 @@ class GESRModel(nn.Module):
             self.encoder, self.cand_type = None, None
         self.nro = NROCrossAttention(d, cfg.cross_heads) if moa.nro else None
         self.ro = ROCrossAttention(d, cfg.cross_heads) if moa.ro else None
+        self.fusion: MLPG | UngatedFusion | None
         if not self.modules_on:
             self.fusion = None
         elif moa.mlpg:
-            self.fusion = MLPG(self.modules_on, d, cfg.mlp_hidden)
+            self.fusion = MLPG(self.modules_on, d, big, cfg.logit_hidden)
         else:
-            self.fusion = UngatedFusion(self.modules_on, d, cfg.mlp_hidden)
+            self.fusion = UngatedFusion(self.modules_on, d, cfg.logit_hidden)
         self._cache: ItemCache | None = None
 
     @classmethod
@@ -171,49 +186,70 @@ class GESRModel(nn.Module):
             n_categories=n_categories,
         )
 
-    # -- caches ------------------------------------------------------------------------------
+    @property
+    def mlpg(self) -> bool:
+        return isinstance(self.fusion, MLPG)
+
+    # -- item side -----------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "GESRModel":
         if mode:
             self._cache = None  # weights are about to change
         return super().train(mode)
 
     def _item_quantities(self, ids: Tensor, *, tokens: bool = True) -> ItemCache:
-        """Item-only quantities for `ids` (1-d): the rows of the catalogue cache."""
-        emb = self.items(ids)  # (m, D)
-        tok = self.items.tokens(ids) if tokens and (self.nro is not None or self.ro is not None) else None  # (m, F, D)
+        """Item-only quantities for `ids` (any shape; the outputs add their dims after it).
+        `tokens=False` leaves out the cross-attention projections."""
+        emb = self.items(ids)  # (*, D)
+        tower = self.item_tower(emb)
+        emb_moa = self.to_moa(emb) if self.to_moa is not None else None  # (*, d)
+        tok = None
+        if tokens and (self.nro is not None or self.ro is not None):
+            tok = self.to_moa(self.items.tokens(ids))  # (*, F, d)
+        nro_q = ro_kv = None
+        if tok is not None and self.nro is not None:
+            nro_q = self.nro.item_queries(tok if self.cfg.nro_queries == "features" else emb_moa[..., None, :])
+        if tok is not None and self.ro is not None:
+            ro_kv = self.ro.item_kv(tok)
         return ItemCache(
-            tower=self.item_tower(emb),
+            tower=tower,
             bias=self.item_bias(ids).squeeze(-1),
-            cand_tokens=emb + self.cand_type if self.encoder is not None else None,
-            nro_q=self.nro.item_queries(tok) if tok is not None and self.nro is not None else None,
-            ro_kv=self.ro.item_kv(tok) if tok is not None and self.ro is not None else None,
+            gates=self.fusion.item_gates(tower) if self.mlpg else None,
+            cand_tokens=emb_moa + self.cand_type if self.encoder is not None else None,
+            nro_q=nro_q,
+            ro_kv=ro_kv,
         )
 
     @torch.no_grad()
     def cache_items(self, chunk: int = 65536) -> ItemCache:
-        """Compute the item-only quantities for the whole catalogue (eval mode). The cross-
-        attention item projections are left out above `CACHE_LIMIT_BYTES` (then projected per
-        batch)."""
+        """Compute the item-only quantities for the whole catalogue (switches to eval mode).
+        The cross-attention item projections are left out above `TOKEN_CACHE_LIMIT_BYTES`."""
         self.eval()
-        per_item = 4 * self.cfg.dim * (2 + 3 * self.items.n_parts)
-        tokens = self.n_items * per_item <= CACHE_LIMIT_BYTES
-        dev = self.items.cat_codes.device
+        d = self.cfg.moa_dim
+        tok_bytes = 4 * self.n_items * self.items.n_parts * d * (int(self.nro is not None) + 2 * int(self.ro is not None))
+        tokens = tok_bytes <= TOKEN_CACHE_LIMIT_BYTES
+        dev = self.item_bias.weight.device
         parts = [
             self._item_quantities(torch.arange(lo, min(lo + chunk, self.n_items), device=dev), tokens=tokens)
             for lo in range(0, self.n_items, chunk)
         ]
+        fields = ("tower", "bias", "gates", "cand_tokens", "nro_q", "ro_kv")
         cat = {
             f: (None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]))
-            for f in ("tower", "bias", "cand_tokens", "nro_q", "ro_kv")
+            for f in fields
         }
         self._cache = ItemCache(**cat)
         return self._cache
 
+    @property
+    def cache(self) -> ItemCache | None:
+        """The catalogue cache, only in eval mode (training changes the weights)."""
+        return None if self.training else self._cache
+
     def _item_side(self, cand: Tensor) -> tuple[ItemCache, Tensor]:
         """(quantities, index) such that quantities.x[index] is x for every candidate: the
         catalogue cache indexed by the ids, or (training, no cache) the quantities of the
-        batch's distinct ids indexed by the inverse map, so that each distinct item goes
-        through the item-side layers once per batch however many requests it appears in."""
+        batch's distinct ids indexed by the inverse map, so each distinct item goes through
+        the item-side layers once per batch however many requests it appears in."""
         c = self.cache
         missing = c is not None and (
             (self.nro is not None and c.nro_q is None) or (self.ro is not None and c.ro_kv is None)
@@ -222,18 +258,15 @@ class GESRModel(nn.Module):
             return c, cand
         ids, inv = torch.unique(cand, return_inverse=True)
         fresh = self._item_quantities(ids)
-        if c is not None:  # keep the cached tower/tokens, take only the projections
-            cand_tokens = c.cand_tokens[ids] if c.cand_tokens is not None else None
-            return ItemCache(c.tower[ids], c.bias[ids], cand_tokens, fresh.nro_q, fresh.ro_kv), inv
+        if c is not None:  # cached towers and gates, per-batch cross-attention projections
+            keep = {f: (None if getattr(c, f) is None else getattr(c, f)[ids])
+                    for f in ("tower", "bias", "gates", "cand_tokens")}
+            return ItemCache(**keep, nro_q=fresh.nro_q, ro_kv=fresh.ro_kv), inv
         return fresh, inv
 
-    @property
-    def cache(self) -> ItemCache | None:
-        return None if self.training else self._cache
-
-    # -- the two towers -----------------------------------------------------------------------
+    # -- request side --------------------------------------------------------------------------
     def _user(self, batch: RequestBatch, hist: Tensor) -> Tensor:
-        """User tower: (B,) requests and their history tokens (B, N, D) -> u (B, D)."""
+        """User tower: requests and their history tokens (B, N, D) -> u (B, D)."""
         mask = batch.hist_mask
         ar = torch.arange(hist.shape[1], device=hist.device)[None, :]
         newest = mask & (ar >= batch.hist_len[:, None] - self.cfg.recent)
@@ -241,24 +274,24 @@ class GESRModel(nn.Module):
         return self.user_tower(torch.cat(x, dim=-1))
 
     def _user_tokens(self, user_feats: Tensor, u: Tensor) -> Tensor:
-        b = u.shape[0]
-        tokens = [self.null_token.expand(b, 1, -1), self.users.tokens(user_feats), u[:, None]]
-        return torch.cat(tokens, dim=1)  # (B, R, D)
+        """(B, R, d): the learned null token, the user feature tokens and u."""
+        tokens = torch.cat([self.users.tokens(user_feats), u[:, None]], dim=1)  # (B, R-1, D)
+        null = self.null_token.expand(u.shape[0], 1, -1)
+        return torch.cat([null, self.user_to_moa(tokens)], dim=1)
 
-    # -- serving path -------------------------------------------------------------------------
     def encode_request(self, batch: RequestBatch) -> RequestState:
         """Everything that depends on the request only, computed once per request."""
         batch = recent_history(batch, self.cfg.moa.history_len)
         hist = self.history(batch)  # (B, N, D), zero at padding
         mask = batch.hist_mask  # (B, N)
         u = self._user(batch, hist)  # (B, D)
-        user_tokens = self._user_tokens(batch.user_feats, u) if self.null_token is not None else u[:, None]
+        hist_moa = self.to_moa(hist) * mask[..., None] if self.to_moa is not None else None  # (B, N, d)
+        user_tokens = self._user_tokens(batch.user_feats, u) if self.user_to_moa is not None else None
         return RequestState(
             u=u,
-            user_tokens=user_tokens,
-            hist_len=batch.hist_len,
-            enc=self.encoder.encode_history(hist, batch.hist_len) if self.encoder is not None else None,
-            nro=self.nro.context(hist, mask, user_tokens) if self.nro is not None else None,
+            gates=self.fusion.user_gates(u) if self.mlpg else None,
+            enc=self.encoder.encode_history(hist_moa, batch.hist_len) if self.encoder is not None else None,
+            nro=self.nro.context(hist_moa, mask, user_tokens) if self.nro is not None else None,
             ro_q=self.ro.queries(user_tokens) if self.ro is not None else None,
             hma=(
                 self.hma.history(batch.hist_items, batch.hist_actions, batch.hist_len)
@@ -267,16 +300,16 @@ class GESRModel(nn.Module):
             ),
         )
 
+    # -- scoring -------------------------------------------------------------------------------
     def score_candidates(
         self, state: RequestState, cand: Tensor, *, with_primary: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """cand (B, n) int64 -> logits (B, n) (and the primary logit l0 when asked)."""
         c, idx = self._item_side(cand)
-        i = c.tower[idx]  # (B, n, D)
-        l0 = (state.u[:, None, :] * i).sum(-1) + c.bias[idx]  # (B, n)
+        l0 = torch.einsum("bd,bnd->bn", state.u, c.tower[idx]) + c.bias[idx]  # (B, n)
         if self.fusion is None:
             return (l0, l0) if with_primary else l0
-        embs: dict[str, Tensor] = {}
+        embs: dict[str, Tensor] = {}  # each (B, n, d)
         if self.hma is not None:
             embs["match"] = self.hma(state.hma, cand)
         if self.encoder is not None:
@@ -285,15 +318,19 @@ class GESRModel(nn.Module):
             embs["nro"] = self.nro(state.nro, c.nro_q[idx])
         if self.ro is not None:
             embs["ro"] = self.ro(state.ro_q, c.ro_kv[idx])
-        logit = self.fusion(l0, state.u, i, embs)
+        if self.mlpg:
+            logit = self.fusion(l0, state.gates, c.gates[idx], embs)
+        else:
+            logit = self.fusion(l0, embs)
         return (logit, l0) if with_primary else logit
 
     def forward_train(self, batch: RequestBatch, cand: Tensor) -> tuple[Tensor, Tensor]:
         """Training forward: (logits (B, n), primary logits l0 (B, n)), the serving
-        decomposition with autograd (the encoder's torch path)."""
+        decomposition with autograd (the encoder's differentiable torch path)."""
         return self.score_candidates(self.encode_request(batch), cand, with_primary=True)
 
     def score(self, batch: RequestBatch, cand: Tensor) -> Tensor:
+        """The serving path: (B,) requests, (B, n) candidates -> (B, n) logits."""
         return self.score_candidates(self.encode_request(batch), cand)
 
     def forward(self, batch: RequestBatch, cand: Tensor) -> Tensor:
@@ -302,7 +339,8 @@ class GESRModel(nn.Module):
     # -- per-candidate reference ---------------------------------------------------------------
     def score_naive(self, batch: RequestBatch, cand: Tensor) -> Tensor:
         """Reference: one full [history ; candidate] pass per candidate, no shared state, no
-        caches, HMA by direct comparison. O(n) times the serving cost; tests and benchmarks."""
+        caches, HMA by direct comparison through the unfolded MLP. O(n) times the serving
+        cost; tests and benchmarks only."""
         batch = recent_history(batch, self.cfg.moa.history_len)
         out = []
         for j in range(cand.shape[1]):
@@ -310,27 +348,31 @@ class GESRModel(nn.Module):
             hist = self.history(batch)
             mask = batch.hist_mask
             u = self._user(batch, hist)
-            i = self.item_tower(self.items(c))
+            emb = self.items(c)  # (B, 1, D)
+            i = self.item_tower(emb)
             l0 = (u[:, None, :] * i).sum(-1) + self.item_bias(c).squeeze(-1)
             if self.fusion is None:
                 out.append(l0)
                 continue
-            user_tokens = self._user_tokens(batch.user_feats, u) if self.null_token is not None else None
+            hist_moa = self.to_moa(hist) * mask[..., None] if self.to_moa is not None else None
+            user_tokens = self._user_tokens(batch.user_feats, u) if self.user_to_moa is not None else None
+            item_tok = self.to_moa(self.items.tokens(c)) if user_tokens is not None else None
             embs: dict[str, Tensor] = {}
             if self.hma is not None:
-                counts = naive_counts(
-                    self.hma, batch.hist_items, batch.hist_actions, batch.hist_len, c
-                )
-                embs["match"] = self.hma.mlp(self.hma.buckets(self.hma.bucket_ids(counts)).flatten(2))
+                counts = naive_counts(self.hma, batch.hist_items, batch.hist_actions, batch.hist_len, c)
+                embs["match"] = self.hma.embed_counts_unfolded(counts)
             if self.encoder is not None:
-                _, t_self = self.encoder(hist, batch.hist_len, self.items(c) + self.cand_type)
-                embs["self"] = t_self
+                _, embs["self"] = self.encoder(hist_moa, batch.hist_len, self.to_moa(emb) + self.cand_type)
             if self.nro is not None:
-                ctx = self.nro.context(hist, mask, user_tokens)
-                embs["nro"] = self.nro(ctx, self.nro.item_queries(self.items.tokens(c)))
+                ctx = self.nro.context(hist_moa, mask, user_tokens)
+                q_tok = item_tok if self.cfg.nro_queries == "features" else self.to_moa(emb)[..., None, :]
+                embs["nro"] = self.nro(ctx, self.nro.item_queries(q_tok))
             if self.ro is not None:
-                embs["ro"] = self.ro(self.ro.queries(user_tokens), self.ro.item_kv(self.items.tokens(c)))
-            out.append(self.fusion(l0, u, i, embs))
+                embs["ro"] = self.ro(self.ro.queries(user_tokens), self.ro.item_kv(item_tok))
+            if self.mlpg:
+                out.append(self.fusion(l0, self.fusion.user_gates(u), self.fusion.item_gates(i), embs))
+            else:
+                out.append(self.fusion(l0, embs))
         return torch.cat(out, dim=1)
 
 

@@ -12,8 +12,10 @@ entropy of the positive rate, the paper's offline metric) of l and of l0, on the
 candidate sets, with a fixed seed.
 
 Serving: `score` encodes each request once and scores all its candidates in one batched call
-against the catalogue cache (item-tower outputs, candidate tokens, cross-attention item
-projections, HMA's item -> category table), built once after `fit`.
+against the catalogue cache (item-tower outputs, MLPG item gates, candidate tokens,
+cross-attention item projections, HMA's item -> category table), built once after `fit`. A
+large replay batch is processed in groups of requests of about `score_chunk_pairs` (request,
+candidate) pairs, so per-pair intermediates stay in cache.
 
 [ours] A dataset without a `category_feature` gets k-means pseudo-categories computed from the
 training events only (`cascade.data.derive.pseudo_categories`) when an HMA category pair is on.
@@ -156,4 +158,12 @@ class GESRStage:
         candidates scored in one batched call against the catalogue cache."""
         if self.model is None:
             raise StageError("gesr: score() called before fit()")
-        return self.model.score(batch, candidates).float()
+        b, n = candidates.shape
+        step = max(1, self.config.score_chunk_pairs // max(n, 1))
+        if b <= step:
+            return self.model.score(batch, candidates).float()
+        parts = []
+        for lo in range(0, b, step):
+            rows = torch.arange(lo, min(lo + step, b), device=candidates.device)
+            parts.append(self.model.score(batch.select(rows), candidates[lo : lo + step]))
+        return torch.cat(parts).float()

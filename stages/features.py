@@ -31,6 +31,7 @@ from cascade.data.derive import N_ACTION_CODES, N_GAP_BUCKETS
 from cascade.data.traffic import RequestBatch, Traffic
 
 Combine = Literal["sum", "concat"]
+DEDUP_MIN = 2048  # ItemFeatureEmbedder embeds distinct ids once when a call has more ids
 
 
 def _check_combine(combine: str) -> None:
@@ -114,6 +115,14 @@ class ItemFeatureEmbedder(nn.Module):
         return torch.stack(parts, dim=-2)
 
     def forward(self, ids: Tensor) -> Tensor:
+        if ids.numel() > DEDUP_MIN:
+            # a batch of histories repeats items many times: embed each distinct item once and
+            # gather (same values; the backward touches n_unique rows instead of every id)
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            return self._embed(uniq)[inverse]
+        return self._embed(ids)
+
+    def _embed(self, ids: Tensor) -> Tensor:
         tok = self.tokens(ids)  # (*shape, P, dim)
         if self.proj is None:
             return tok.sum(-2)
@@ -193,7 +202,9 @@ class HistoryTokenEmbedder(nn.Module):
         n = items.shape[1]
         ar = torch.arange(n, device=items.device)[None, :]
         mask = ar < hist_len[:, None]  # (B, N)
-        x = self.items(items) + self.action_emb(actions) + self.gap_emb(gaps)
+        # action and gap embeddings summed through one (4 * 32, dim) table: one gather
+        table = (self.action_emb.weight[:, None] + self.gap_emb.weight[None, :]).flatten(0, 1)
+        x = self.items(items) + table[actions * N_GAP_BUCKETS + gaps]
         if self.pos_emb is not None:
             recency = (hist_len[:, None] - 1 - ar).clamp(0, self.pos_emb.num_embeddings - 1)
             x = x + self.pos_emb(recency)
@@ -205,8 +216,9 @@ class HistoryTokenEmbedder(nn.Module):
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """(B, N, D) values, (B, N) bool -> (B, D) mean over the True positions (0 when none)."""
-    m = mask[..., None].to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+    w = mask.to(x.dtype)
+    w = w / w.sum(1, keepdim=True).clamp_min(1.0)
+    return torch.bmm(w[:, None, :], x).squeeze(1)  # one batched matmul instead of (B, N, D) temps
 
 
 def recent_history(batch: RequestBatch, max_len: int | None) -> RequestBatch:

@@ -5,18 +5,25 @@ Modeling for Large Corpus Item Recommendations", RecSys 2019) with mixed negativ
 "Mixed Negative Sampling for Learning Two-tower Neural Networks", WWW 2020), and a SASRec-style
 user encoder (Kang & McAuley, ICDM 2018):
 
-- user tower: [user-feature token ; history tokens] through a small causal Transformer; the
-  output at the newest history event is the user vector. History tokens (item + action + gap +
-  recency, `cascade.stages.features`) share the item embedding with the item tower.
+- user tower: [user-feature token ; history tokens] through a small causal Transformer with
+  absolute positions; the output after the newest history event is the user vector. History
+  tokens (item + action, `cascade.stages.features`) share the item embedding with the item tower.
+  Time gaps are left out [ours]: they are relative to the request time, which differs for every
+  prefix of a training window (below), so they would make training and serving disagree.
 - item tower: item id + item features, plus a residual MLP.
 - both outputs are L2-normalised and scored by inner product / temperature. Why normalised:
   cosine scores keep sampled-softmax training stable (no norm blow-up of popular items), the
   temperature sets the logit range explicitly, and inner product over unit vectors is the metric
   the FAISS index searches, so training and serving agree exactly.
-- loss: sampled softmax over in-batch positives plus `n_uniform_negatives` uniform items shared
-  by the batch. Every sampled logit is corrected by log Q(j), Q(j) = B*f_j + M/n_items the
-  expected number of times item j is drawn (f_j = its empirical frequency as a training target):
-  the logQ correction for in-batch sampling, made exact for the mixture with uniform sampling.
+- training examples: SASRec-style, every prefix of every training window is one example (the
+  causal encoder gives all prefixes of a window in one pass; `sequence_windows` picks windows so
+  each training event is a target exactly once): ~width times less encoder work than encoding
+  one request per event.
+- loss: sampled softmax against shared negatives: `in_batch_negatives` drawn from the batch's
+  positives (in-batch negatives) plus `n_uniform_negatives` uniform items. Every logit is
+  corrected by log Q(j), Q(j) = S*f_j + M/n_items the expected number of times item j is drawn
+  (f_j = its empirical frequency as a training target): the logQ correction for in-batch
+  sampling, made exact for the mixture with uniform sampling.
 - serving: item vectors are computed once after fitting (or loading the cached checkpoint) and
   added to `faiss.index_factory(dim, config.index, METRIC_INNER_PRODUCT)` (trained first when the
   index needs it, e.g. IVF). `retrieve` searches all requests of a batch in one call,
@@ -25,12 +32,14 @@ user encoder (Kang & McAuley, ICDM 2018):
   search over the cached item vectors, so `retrieve` returns exactly k ids per request; only when
   fewer than k unseen items exist at all are the last columns -1 (score -inf).
 - early stopping: full-catalogue recall@`valid_k` on validation requests (exact matmul top-k).
+- caching: the checkpoint key leaves out the serving-only fields (index, nprobe, ef_search), so
+  trying another index reuses the trained towers and only rebuilds the FAISS index.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -49,6 +58,7 @@ from cascade.stages.features import (
 )
 from cascade.stages.training import TrainConfig, cached_fit, fit_model
 
+SERVING_FIELDS = ("index", "nprobe", "ef_search")  # not part of the checkpoint's cache key
 INDEX_EXAMPLES = ("Flat", "IVF64,Flat", "IVF256,PQ16", "HNSW32", "PCA32,Flat")
 
 
@@ -313,7 +323,11 @@ class TwoTowerRetriever:
                 model, loss_fn, valid_fn, ctx, cfg.train, desc="retrieval twotower", train=windows
             )
 
-        self.report = cached_fit(model, stage="retrieval-twotower", config=cfg, ctx=ctx, train=train)
+        # serving-only fields do not change the trained weights: switching the index reuses them
+        trained_by = {k: v for k, v in asdict(cfg).items() if k not in SERVING_FIELDS}
+        self.report = cached_fit(
+            model, stage="retrieval-twotower", config=trained_by, ctx=ctx, train=train
+        )
         model.eval()
         self._build_index()
         return self

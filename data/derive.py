@@ -64,17 +64,19 @@ def pseudo_categories(
 
     users = events["user"].to_numpy()
     items = events["item"].to_numpy()
-    rows, cols = [], []
+    # one sparse matrix per lag, summed as we go: memory stays O(events + distinct pairs)
+    # instead of O(events * window) for all pairs at once (gigabytes on a 10M-event log)
+    co = sparse.csr_matrix((n_items, n_items), dtype=np.float32)
     for lag in range(1, window + 1):
         same = users[lag:] == users[:-lag]
-        rows.append(items[lag:][same])
-        cols.append(items[:-lag][same])
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    co = sparse.coo_matrix(
-        (np.ones(r.size * 2, np.float32), (np.concatenate([r, c]), np.concatenate([c, r]))),
-        shape=(n_items, n_items),
-    ).tocsr()
+        r, c = items[lag:][same], items[:-lag][same]
+        if r.size == 0:
+            continue
+        pairs = sparse.coo_matrix(
+            (np.ones(r.size, np.float32), (r, c)), shape=(n_items, n_items)
+        ).tocsr()
+        co = co + pairs + pairs.T
+    co = co.tocsr()
     co.data = np.log1p(co.data)
     seen = np.zeros(n_items, dtype=bool)
     seen[items] = True

@@ -13,7 +13,8 @@ feature crossing. The heaviest, strongest model of the funnel.
   over both; plus the scaled dot product of the candidate output with the candidate's item
   embedding (the SASRec/HSTU score) as a direct path.
 - Tokens: history = item (id + features) + action code + absolute position; candidate = item +
-  a learned "candidate" marker. Time gaps are deliberately left out [ours]: they are relative to
+  a learned "candidate" marker + the position right after the history (hist_len), so attention
+  can tell how recent each history event is relative to the candidate. Time gaps are deliberately left out [ours]: they are relative to
   the request time, which differs for every prefix of a training window (below), so using them
   would make training and serving disagree.
 - Training (the efficiency trick the target mask allows): history tokens are causal, so the
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from cascade.data.traffic import RequestBatch
 from cascade.stages.base import FitContext, StageError, register
 from cascade.stages.features import (
+    PAD_SCORE,
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
     NegativeSampler,
@@ -48,7 +50,6 @@ from cascade.stages.features import (
     subsample,
 )
 from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
-from cascade.stages.twotower import PAD_SCORE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +65,7 @@ class LSRConfig:
     max_len: int | None = None  # use at most this many recent history events (None: all given)
     n_negatives: int = 16
     pop_negatives: float = 0.5  # share of negatives drawn by popularity ** 0.75 (hard ones)
+    rank_logq: bool = True  # logQ-correct the ranking loss (False: plain hard-negative softmax)
     prefixes_per_window: int = 4  # training examples taken from each encoded window
     next_item_weight: float = 1.0  # weight of the generative next-item loss (0 = off)
     in_batch_negatives: int = 512  # next-item loss: negatives drawn from the batch's positives
@@ -136,7 +138,9 @@ class LSRModel(nn.Module):
         self.width = ctx.train.max_len if cfg.max_len is None else min(cfg.max_len, ctx.train.max_len)
         self.items = ItemFeatureEmbedder(ds.items, ds.n_items, d)
         self.history = HistoryTokenEmbedder(self.items)  # item + action (gaps: see docstring)
-        self.position = nn.Embedding(self.width, d)
+        # absolute positions; a candidate sits at position hist_len, right after the history, so
+        # attention can tell how recent each history event is relative to the candidate
+        self.position = nn.Embedding(self.width + 1, d)
         self.cand_marker = nn.Parameter(torch.zeros(d))
         self.user_feats = UserFeatureEmbedder(ds.users, d)
         self.encoder = TargetAwareEncoder(
@@ -165,6 +169,10 @@ class LSRModel(nn.Module):
         n = x.shape[1]
         return x + self.position.weight[:n] * batch.hist_mask[..., None].to(x.dtype)
 
+    def candidate_tokens(self, item: Tensor, hist_len: Tensor) -> Tensor:
+        """(B, n, D) item embeddings -> candidate tokens: + marker + the position hist_len."""
+        return item + self.cand_marker + self.position(hist_len)[:, None, :]
+
     def encode(self, batch: RequestBatch):
         """History through the encoder once -> (HistoryState, user features (B, D))."""
         state = self.encoder.encode_history(self.history_tokens(batch), batch.hist_len)
@@ -181,7 +189,7 @@ class LSRModel(nn.Module):
     def score_with(self, state, user: Tensor, candidates: Tensor) -> Tensor:
         """Candidates (B, n) against an encoded history -> (B, n) logits."""
         item = self.items(candidates)  # (B, n, D)
-        out = self.encoder.score_candidates(state, item + self.cand_marker)  # (B, n, D)
+        out = self.encoder.score_candidates(state, self.candidate_tokens(item, state.hist_len))
         return self.head_logits(user, item, out, state.output, state.hist_len)
 
     def head_logits(
@@ -209,7 +217,7 @@ class LSRModel(nn.Module):
         `TargetAwareEncoder.forward_naive`: the definition the cached path must equal."""
         hist = self.history_tokens(batch)
         item = self.items(candidates)
-        out = self.encoder.forward_naive(hist, batch.hist_len, item + self.cand_marker)
+        out = self.encoder.forward_naive(hist, batch.hist_len, self.candidate_tokens(item, batch.hist_len))
         hist_out, _ = self.encoder(hist, batch.hist_len, item[:, :0])  # history, no candidates
         user = self.user_feats(batch.user_feats)
         return self.head_logits(user, item, out, hist_out, batch.hist_len)
@@ -263,7 +271,8 @@ class LateStageRanker:
             neg = sampler.sample(b * r, cfg.n_negatives, gen)  # (B*R, n)
             cand = torch.cat([pos, neg], 1)
             logits = model.score_with(prefix_state(state, rows, lens), user[rows], cand)
-            logits = logits - sampler.log_q(cand, cfg.n_negatives)
+            if cfg.rank_logq:
+                logits = logits - sampler.log_q(cand, cfg.n_negatives)
             hit = torch.cat([torch.zeros_like(pos, dtype=torch.bool), neg == pos], 1)
             logits = logits.masked_fill(hit, -math.inf)  # a sampled positive is no negative
             rank_loss = F.cross_entropy(logits, torch.zeros(b * r, dtype=torch.long, device=ctx.device))

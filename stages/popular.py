@@ -16,8 +16,8 @@ from torch import Tensor
 
 from cascade.data.traffic import RequestBatch
 from cascade.stages.base import Candidates, FitContext, StageError, register
+from cascade.stages.features import PAD_SCORE
 from cascade.stages.retrieval import search_with_exclusion
-from cascade.stages.twotower import PAD_SCORE
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from cascade.data.traffic import RequestBatch, Traffic
 from cascade.stages.base import Candidates, FitContext, StageError, register
 from cascade.stages.features import (
+    PAD_SCORE,
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
     UserFeatureEmbedder,
@@ -412,4 +413,4 @@ class TwoTowerRetriever:
         c = candidates.to(self.device)
         v = self.item_vecs[c.clamp_min(0)]  # (B, K, D)
         s = torch.einsum("bd,bkd->bk", u, v)
-        return s.masked_fill(c < 0, -1e9).float()
+        return s.masked_fill(c < 0, PAD_SCORE).float()

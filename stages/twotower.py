@@ -29,6 +29,7 @@ from cascade.stages.base import FitContext, StageError, register
 from cascade.stages.features import (
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
+    PAD_SCORE,
     NegativeSampler,
     UserFeatureEmbedder,
     masked_mean,
@@ -37,7 +38,6 @@ from cascade.stages.features import (
 )
 from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
 
-PAD_SCORE = -1e9  # score of a -1 (padding) candidate: finite, below every real score
 
 
 @dataclass(frozen=True, kw_only=True)

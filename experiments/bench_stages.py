@@ -1,0 +1,163 @@
+"""Per-stage training time and quality: FAISS two-tower retrieval, two-tower ESR, late-stage
+ranker and most-popular, each trained alone on one dataset (default ml-100k, leave-one-out).
+
+For every stage it reports the training seconds and validation metric from its fit report, and
+on the test requests:
+- full-catalogue HR@10 / NDCG@10 / MRR (every item scored, the request's history excluded),
+- sampled MRR (the target among 100 uniform random items, `stages.training.sampled_mrr`),
+- hard MRR (the target among the 50 most popular other items: the kind of candidates a funnel
+  passes on to its rankers).
+
+    python experiments/bench_stages.py                      # ml-100k, default configs
+    python experiments/bench_stages.py --quick              # tiny synthetic data, short training
+    python experiments/bench_stages.py --data synthetic:small --out bench_stages.json
+
+Prints a table and writes JSON with the machine, versions, dataset and configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cascade.data.loaders import load_dataset
+from cascade.data.splits import SplitConfig, make_split, training_requests
+from cascade.data.traffic import RequestBatch, Traffic
+from cascade.stages.base import FitContext
+from cascade.stages.lsr import LateStageRanker
+from cascade.stages.popular import PopularRanker
+from cascade.stages.retrieval import TwoTowerRetriever, seen_matrix
+from cascade.stages.training import TrainConfig, sampled_mrr
+from cascade.stages.twotower import TwoTowerESR
+
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
+
+
+def quick(stage):
+    """A short-training version of a stage's default config (for --quick)."""
+    cfg = stage.config_class()
+    return stage.__class__(replace(cfg, train=replace(cfg.train, epochs=2, max_steps_per_epoch=10)))
+
+
+@torch.no_grad()
+def all_scores(stage, batch: RequestBatch, n_items: int) -> torch.Tensor:
+    if hasattr(stage, "score_all"):
+        return stage.score_all(batch)
+    cand = torch.arange(n_items)[None, :].expand(len(batch), -1)
+    return stage.score(batch, cand)
+
+
+@torch.no_grad()
+def evaluate(stage, test: Traffic, n_items: int, popularity: np.ndarray, batch_size: int) -> dict:
+    hr = ndcg = rr = hard = 0.0
+    top = torch.as_tensor(np.argsort(-popularity, kind="stable")[:51])
+    for batch in test.batches(batch_size):
+        target = batch.targets[:, :1]
+        s = all_scores(stage, batch, n_items).masked_fill(seen_matrix(batch, n_items), -torch.inf)
+        rank = (s > s.gather(1, target)).sum(1)  # 0-based; the target is never in its history
+        hr += float((rank < 10).sum())
+        ndcg += float(((rank < 10).float() / torch.log2(rank.float() + 2)).sum())
+        rr += float((1.0 / (rank.float() + 1)).sum())
+        others = top[None, :].expand(len(batch), -1)
+        keep = torch.sort((others == target).to(torch.int8), dim=1, stable=True).indices[:, :50]
+        cand = torch.cat([target, others.gather(1, keep)], 1)
+        hs = stage.score(batch, cand)
+        hard += float((1.0 / (1 + (hs[:, 1:] >= hs[:, :1]).sum(1)).float()).sum())
+    n = len(test)
+    return {
+        "hr@10": hr / n,
+        "ndcg@10": ndcg / n,
+        "mrr": rr / n,
+        "sampled_mrr": sampled_mrr(stage.score, test, torch.device("cpu"), seed=1),
+        "hard_mrr": hard / n,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="dataset spec (default: ml-100k; --quick: synthetic:tiny)")
+    ap.add_argument("--quick", action="store_true", help="tiny data and two short epochs per stage")
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--stages", default="popular,retrieval,twotower,lsr")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="reuse trained checkpoints here")
+    ap.add_argument("--out", type=Path, default=Path("bench_stages.json"))
+    args = ap.parse_args()
+
+    spec = args.data or ("synthetic:tiny" if args.quick else str(ML100K))
+    t0 = time.perf_counter()
+    ds = load_dataset(spec)
+    split = make_split(ds, SplitConfig())
+    ctx = FitContext(
+        dataset=ds,
+        split=split,
+        train=Traffic(ds, training_requests(split), max_len=args.max_len),
+        valid=Traffic(ds, split.valid, max_len=args.max_len),
+        device=torch.device("cpu"),
+        cache_dir=args.cache_dir,
+        progress=False,
+    )
+    test = Traffic(ds, split.test, max_len=args.max_len)
+    load_s = time.perf_counter() - t0
+    popularity = ds.item_popularity(split.train)
+    makers = {
+        "popular": PopularRanker,
+        "retrieval": TwoTowerRetriever,
+        "twotower": TwoTowerESR,
+        "lsr": LateStageRanker,
+    }
+    rows = []
+    for name in args.stages.split(","):
+        stage = makers[name]()
+        if args.quick and name != "popular":
+            stage = quick(stage)
+        t = time.perf_counter()
+        stage.fit(ctx)
+        fit_s = time.perf_counter() - t
+        t = time.perf_counter()
+        metrics = evaluate(stage, test, ds.n_items, popularity, batch_size=128)
+        rep = stage.report
+        rows.append(
+            {
+                "stage": name,
+                "fit_s": fit_s,
+                "train_s": rep.get("seconds"),
+                "cached": rep.get("cached"),
+                "epochs_run": rep.get("epochs_run"),
+                "best_valid": rep.get("best_valid"),
+                "eval_s": time.perf_counter() - t,
+                **metrics,
+                "config": asdict(stage.config),
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{name:10s} fit {fit_s:7.1f}s  valid {r['best_valid'] if r['best_valid'] is not None else float('nan'):.4f}  "
+            f"HR@10 {r['hr@10']:.4f}  NDCG@10 {r['ndcg@10']:.4f}  MRR {r['mrr']:.4f}  "
+            f"sampled {r['sampled_mrr']:.4f}  hard {r['hard_mrr']:.4f}",
+            flush=True,
+        )
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "data": {"spec": spec, "n_users": ds.n_users, "n_items": ds.n_items, "n_events": ds.n_events,
+                 "n_train_requests": len(ctx.train), "n_test_requests": len(test), "max_len": args.max_len,
+                 "load_s": load_s},
+        "stages": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

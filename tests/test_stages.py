@@ -1,0 +1,427 @@
+"""The funnel's built-in stages: FAISS retrieval, two-tower ESR, late-stage ranker, most-popular,
+and the shared feature helpers. Trained once per session on a tiny log with a known signal
+(tests/stage_data.py), with real FAISS indexes and real training."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from cascade.data.traffic import Traffic
+from cascade.stages.base import StageError, resolve_stage_class
+from cascade.stages.features import (
+    HistoryTokenEmbedder,
+    ItemFeatureEmbedder,
+    NegativeSampler,
+    UserFeatureEmbedder,
+    recent_history,
+    sequence_windows,
+)
+from cascade.stages.lsr import LateStageRanker, LSRConfig
+from cascade.stages.popular import PopularConfig, PopularRanker, PopularRetriever
+from cascade.stages.retrieval import RetrievalConfig, TwoTowerRetriever
+from cascade.stages.training import TrainConfig, sampled_mrr
+from cascade.stages.twotower import PAD_SCORE, TwoTowerConfig, TwoTowerESR
+
+from stage_data import fit_context, tiny_dataset
+
+RETRIEVAL = RetrievalConfig(
+    dim=32, train=TrainConfig(epochs=8, batch_size=64, lr=3e-3, patience=3)
+)
+TWOTOWER = TwoTowerConfig(
+    dim=32, hidden=64, train=TrainConfig(epochs=5, batch_size=128, lr=3e-3, max_steps_per_epoch=50)
+)
+LSR = LSRConfig(
+    dim=32, hidden=64, train=TrainConfig(epochs=5, batch_size=32, lr=4e-3, max_steps_per_epoch=20)
+)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+@pytest.fixture(scope="session")
+def ctx(cache_dir):
+    return fit_context(tiny_dataset(), max_len=20, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def test_traffic(ctx):
+    return Traffic(ctx.dataset, ctx.split.test, max_len=ctx.train.max_len)
+
+
+@pytest.fixture(scope="session")
+def batch(test_traffic):
+    return test_traffic.batch(np.arange(0, len(test_traffic), 7))  # ~43 requests
+
+
+@pytest.fixture(scope="session")
+def retriever(ctx):
+    return TwoTowerRetriever(RETRIEVAL).fit(ctx)
+
+
+@pytest.fixture(scope="session")
+def twotower(ctx):
+    return TwoTowerESR(TWOTOWER).fit(ctx)
+
+
+@pytest.fixture(scope="session")
+def lsr(ctx):
+    return LateStageRanker(LSR).fit(ctx)
+
+
+@pytest.fixture(scope="session")
+def popular(ctx):
+    return PopularRanker().fit(ctx)
+
+
+def history_sets(batch):
+    return [set(row[:n].tolist()) for row, n in zip(batch.hist_items, batch.hist_len)]
+
+
+# -- retrieval ----------------------------------------------------------------------------------
+
+
+def test_flat_index_returns_brute_force_top_k(retriever, batch):
+    k = 15
+    config = retriever.config
+    retriever.config = replace(config, exclude_seen=False)  # a serving-time switch
+    try:
+        got = retriever.retrieve(batch, k)
+    finally:
+        retriever.config = config
+    u = retriever.user_vectors(batch).numpy()
+    ip = u @ retriever.item_vecs.numpy().T  # (B, n_items)
+    want = np.argsort(-ip, axis=1, kind="stable")[:, :k]
+    np.testing.assert_allclose(got.scores.numpy(), np.take_along_axis(ip, want, 1), atol=1e-5)
+    # ids agree wherever the top-k scores are not tied
+    sorted_ip = np.take_along_axis(ip, want, 1)
+    gaps = np.minimum(
+        np.abs(np.diff(sorted_ip, axis=1, prepend=np.inf)),
+        np.abs(np.diff(sorted_ip, axis=1, append=-np.inf)),
+    )
+    untied = gaps > 1e-5
+    assert untied.mean() > 0.9
+    assert (got.ids.numpy()[untied] == want[untied]).all()
+
+
+def test_exclude_seen_removes_history_and_returns_k(retriever, batch):
+    k = 20
+    got = retriever.retrieve(batch, k)
+    assert got.ids.shape == (len(batch), k) and got.ids.dtype == torch.int64
+    assert got.scores.shape == (len(batch), k) and got.scores.dtype == torch.float32
+    assert (got.ids >= 0).all()
+    for row, seen in zip(got.ids.tolist(), history_sets(batch)):
+        assert not seen & set(row)
+        assert len(set(row)) == k
+    # and it is the brute-force top-k of the unseen items
+    ip = retriever.user_vectors(batch).numpy() @ retriever.item_vecs.numpy().T
+    for b, seen in enumerate(history_sets(batch)):
+        ip[b, list(seen)] = -np.inf
+    want = np.sort(ip, axis=1)[:, ::-1][:, :k]
+    np.testing.assert_allclose(got.scores.numpy(), want, atol=1e-5)
+
+
+def test_exclude_seen_pads_only_when_catalogue_is_too_small(retriever, batch):
+    n_items = retriever.item_vecs.shape[0]
+    distinct = np.array([len(s) for s in history_sets(batch)])
+    k = n_items - int(distinct.min()) + 3  # more than some rows can have
+    got = retriever.retrieve(batch, k)
+    assert got.ids.shape == (len(batch), k)
+    n_real = (got.ids >= 0).sum(1).numpy()
+    np.testing.assert_array_equal(n_real, np.minimum(k, n_items - distinct))
+    # padding sits at the end with -inf scores
+    for row, n in zip(got.ids, n_real):
+        assert (row[n:] == -1).all() and (row[:n] >= 0).all()
+    assert torch.isinf(got.scores[got.ids < 0]).all()
+
+
+@pytest.mark.parametrize("spec", ["IVF4,Flat", "HNSW32"])
+def test_other_index_specs_reuse_the_trained_towers(retriever, ctx, batch, spec):
+    other = TwoTowerRetriever(replace(retriever.config, index=spec, nprobe=2)).fit(ctx)
+    assert other.report["cached"] is True  # only the index was rebuilt
+    got = other.retrieve(batch, 10)
+    exact = retriever.retrieve(batch, 10)
+    assert (got.ids >= 0).all()
+    for row, seen in zip(got.ids.tolist(), history_sets(batch)):
+        assert not seen & set(row) and len(set(row)) == 10
+    overlap = np.mean(
+        [len(set(a) & set(b)) / 10 for a, b in zip(got.ids.tolist(), exact.ids.tolist())]
+    )
+    assert overlap > 0.5
+
+
+def test_ivf_with_one_probe_still_returns_k(retriever, ctx, batch):
+    # 8 lists of ~15 items probed one at a time cannot fill k=40: the exact fallback does
+    other = TwoTowerRetriever(replace(retriever.config, index="IVF8,Flat", nprobe=1)).fit(ctx)
+    got = other.retrieve(batch, 40)
+    assert (got.ids >= 0).all()
+    for row, seen in zip(got.ids.tolist(), history_sets(batch)):
+        assert not seen & set(row) and len(set(row)) == 40
+
+
+def test_bad_index_spec_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'IVF,Bogus'.*index_factory.*examples: Flat"):
+        RetrievalConfig(index="IVF,Bogus")
+    with pytest.raises(ValueError, match="index"):
+        RetrievalConfig(index="")
+
+
+def test_index_too_large_for_the_catalogue_is_a_stage_error(retriever, ctx):
+    with pytest.raises(StageError, match="IVF4096"):
+        TwoTowerRetriever(replace(retriever.config, index="IVF4096,Flat")).fit(ctx)
+
+
+# -- learned stages against popularity ----------------------------------------------------------
+
+
+def test_learned_stages_beat_popularity(retriever, twotower, lsr, popular, test_traffic, ctx):
+    def mrr(stage):
+        return sampled_mrr(stage.score, test_traffic, ctx.device, seed=1)
+
+    pop = mrr(popular)
+    chance = sum(1 / r for r in range(1, 102)) / 101  # a random scorer's expected MRR
+    assert pop > chance  # popularity itself carries signal on this data
+    for stage in (retriever, twotower, lsr):
+        assert mrr(stage) > pop + 0.15, stage.name
+
+
+def test_retrieval_recall_beats_popular_retrieval(retriever, ctx, test_traffic):
+    pop = PopularRetriever().fit(ctx)
+    b = test_traffic.batch(np.arange(len(test_traffic)))
+
+    def recall(stage):
+        ids = stage.retrieve(b, 10).ids
+        return float((ids == b.targets[:, :1]).any(1).float().mean())
+
+    assert recall(retriever) > recall(pop) + 0.2
+
+
+# -- two-tower ESR ------------------------------------------------------------------------------
+
+
+def test_twotower_cached_item_vectors_equal_recomputation(twotower, batch):
+    cand = torch.randint(0, twotower.item_vecs.shape[0], (len(batch), 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fresh = twotower.model(batch, cand)  # runs the item tower again
+    torch.testing.assert_close(twotower.score(batch, cand), fresh, rtol=1e-5, atol=1e-5)
+
+
+# -- late-stage ranker --------------------------------------------------------------------------
+
+
+def test_lsr_cached_history_equals_naive_per_candidate(lsr, batch):
+    cand = torch.randint(0, 120, (len(batch), 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(lsr.score(batch, cand), lsr.score_naive(batch, cand), rtol=1e-4, atol=1e-4)
+
+
+def test_lsr_scores_do_not_depend_on_other_candidates(lsr, batch):
+    cand = torch.randint(0, 120, (len(batch), 12), generator=torch.Generator().manual_seed(2))
+    full = lsr.score(batch, cand)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(lsr.score(batch, cand[:, perm]), full[:, perm], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lsr.score(batch, cand[:, :4]), full[:, :4], rtol=1e-5, atol=1e-5)
+
+
+def test_lsr_score_all_matches_score(lsr, batch):
+    every = lsr.score_all(batch, chunk=17)  # chunk does not divide the catalogue
+    assert every.shape == (len(batch), 120) and every.dtype == torch.float32
+    cand = torch.randint(0, 120, (len(batch), 10), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(every.gather(1, cand), lsr.score(batch, cand), rtol=1e-5, atol=1e-5)
+
+
+def test_lsr_beats_twotower_on_hard_candidates(lsr, twotower, test_traffic, ctx):
+    # the target among the 30 most popular other items: what a funnel passes on, not random ones
+    b = test_traffic.batch(np.arange(len(test_traffic)))
+    top = torch.as_tensor(np.argsort(-ctx.dataset.item_popularity(ctx.split.train))[:31])
+    target = b.targets[:, :1]
+    others = top[None, :].expand(len(b), -1)
+    keep = torch.sort((others == target).to(torch.int8), dim=1, stable=True).indices[:, :30]
+    cand = torch.cat([target, others.gather(1, keep)], 1)  # (B, 31), target first
+
+    def mrr(stage):
+        s = stage.score(b, cand)
+        rank = 1 + (s[:, 1:] >= s[:, :1]).sum(1)
+        return float((1.0 / rank).mean())
+
+    assert mrr(lsr) > mrr(twotower)
+
+
+# -- every ranker -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["retriever", "twotower", "lsr", "popular"])
+def test_score_shape_dtype_and_padding(request, name, batch):
+    stage = request.getfixturevalue(name)
+    cand = torch.randint(0, 120, (len(batch), 6), generator=torch.Generator().manual_seed(5))
+    s = stage.score(batch, cand)
+    assert s.shape == (len(batch), 6) and s.dtype == torch.float32 and torch.isfinite(s).all()
+    padded = cand.clone()
+    padded[:, -2:] = -1
+    sp = stage.score(batch, padded)
+    assert torch.isfinite(sp).all() and (sp[:, -2:] == PAD_SCORE).all()
+    torch.testing.assert_close(sp[:, :4], s[:, :4])
+
+
+@pytest.mark.parametrize(
+    "cls,config", [(TwoTowerRetriever, RETRIEVAL), (TwoTowerESR, TWOTOWER), (LateStageRanker, LSR)]
+)
+def test_second_fit_loads_the_checkpoint(ctx, batch, cls, config, request):
+    first = request.getfixturevalue(
+        {TwoTowerRetriever: "retriever", TwoTowerESR: "twotower", LateStageRanker: "lsr"}[cls]
+    )
+    again = cls(config).fit(ctx)
+    assert first.report["cached"] is False and again.report["cached"] is True
+    assert again.report["best_valid"] == first.report["best_valid"]
+    cand = torch.randint(0, 120, (len(batch), 8), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(again.score(batch, cand), first.score(batch, cand), rtol=0, atol=0)
+
+
+def test_retrain_ignores_the_checkpoint(ctx, retriever):
+    cfg = replace(RETRIEVAL, train=replace(RETRIEVAL.train, epochs=1))
+    assert TwoTowerRetriever(cfg).fit(ctx).report["cached"] is False
+    assert TwoTowerRetriever(cfg).fit(ctx).report["cached"] is True
+    assert TwoTowerRetriever(cfg).fit(replace(ctx, retrain=True)).report["cached"] is False
+
+
+# -- most popular -------------------------------------------------------------------------------
+
+
+def test_popular_retriever_is_most_popular_unseen(ctx, batch):
+    counts = np.bincount(ctx.split.train["item"].to_numpy(), minlength=120)
+    order = np.argsort(-counts, kind="stable")
+    got = PopularRetriever().fit(ctx).retrieve(batch, 10)
+    for row, seen in zip(got.ids.tolist(), history_sets(batch)):
+        assert row == [i for i in order if i not in seen][:10]
+    keep = PopularRetriever(PopularConfig(exclude_seen=False)).fit(ctx).retrieve(batch, 10)
+    assert (keep.ids == torch.as_tensor(order[:10])).all()
+
+
+def test_popular_ranker_scores_training_counts(ctx, batch, popular):
+    counts = np.bincount(ctx.split.train["item"].to_numpy(), minlength=120)
+    cand = torch.arange(120)[None, :].expand(len(batch), -1)
+    s = popular.score(batch, cand)
+    assert (s[0] == s[-1]).all()  # the same for everyone
+    np.testing.assert_allclose(s[0].numpy(), np.log1p(counts), atol=1e-6)
+
+
+# -- construction, registry and configs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind,name,cls",
+    [
+        ("retrieval", "twotower", TwoTowerRetriever),
+        ("esr", "twotower", TwoTowerESR),
+        ("lsr", "lsr", LateStageRanker),
+        ("esr", "popular", PopularRanker),
+        ("lsr", "popular", PopularRanker),
+        ("retrieval", "popular", PopularRetriever),
+    ],
+)
+def test_registered_and_constructible(kind, name, cls):
+    assert resolve_stage_class(kind, name) is cls
+    assert cls().name == name
+    assert cls(config=cls.config_class()).config == cls.config_class()
+    with pytest.raises(ValueError, match="config must be"):
+        cls(config=object())
+
+
+@pytest.mark.parametrize(
+    "make,field",
+    [
+        (lambda: RetrievalConfig(dim=30, n_heads=4), "dim"),
+        (lambda: RetrievalConfig(temperature=0), "temperature"),
+        (lambda: RetrievalConfig(nprobe=0), "nprobe"),
+        (lambda: TwoTowerConfig(pop_negatives=1.5), "pop_negatives"),
+        (lambda: TwoTowerConfig(n_negatives=0), "n_negatives"),
+        (lambda: LSRConfig(attention="relu"), "attention"),
+        (lambda: LSRConfig(impl="cuda"), "impl"),
+        (lambda: LSRConfig(prefixes_per_window=0), "prefixes_per_window"),
+    ],
+)
+def test_bad_config_names_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_unfitted_stage_is_a_stage_error(batch):
+    with pytest.raises(StageError, match="before fit"):
+        TwoTowerESR().score(batch, torch.zeros((len(batch), 3), dtype=torch.long))
+    with pytest.raises(StageError, match="before fit"):
+        TwoTowerRetriever().retrieve(batch, 5)
+
+
+# -- feature helpers ----------------------------------------------------------------------------
+
+
+def test_sequence_windows_cover_each_training_event_once(ctx):
+    win = sequence_windows(ctx.train, ctx.train.max_len)
+    assert len(win) < len(ctx.train) / 5
+    predicted = []
+    for b in win.batches(256):
+        # prefix l of a window predicts event l: its history's next item, or the window target
+        nxt = torch.cat([b.hist_items, b.targets[:, :1]], 1)
+        nxt = nxt.scatter(1, b.hist_len[:, None], b.targets[:, :1])
+        for u, row, n in zip(b.user.tolist(), nxt.tolist(), b.hist_len.tolist()):
+            predicted.extend((u, item) for item in row[1 : n + 1])
+    want = sorted(zip(ctx.train.user.tolist(), ctx.train.targets[:, 0].tolist()))
+    assert sorted(predicted) == want
+
+
+def test_recent_history_keeps_the_newest_events(batch):
+    cut = recent_history(batch, 5)
+    for b in range(len(batch)):
+        n = int(batch.hist_len[b])
+        keep = batch.hist_items[b, max(0, n - 5) : n]
+        assert int(cut.hist_len[b]) == min(n, 5)
+        assert cut.hist_items[b, : len(keep)].tolist() == keep.tolist()
+        assert (cut.hist_items[b, len(keep) :] == 0).all()
+        assert cut.hist_gaps[b, : len(keep)].tolist() == batch.hist_gaps[b, max(0, n - 5) : n].tolist()
+
+
+def test_item_embedder_pools_multi_valued_features_and_dedups(ctx):
+    ds = ctx.dataset
+    emb = ItemFeatureEmbedder(ds.items, ds.n_items, 8)
+    ids = torch.randint(0, ds.n_items, (50, 60), generator=torch.Generator().manual_seed(0))
+    assert ids.numel() > 2048  # the distinct-ids path
+    torch.testing.assert_close(emb(ids), emb._embed(ids))
+    # the genres part is the mean over non-zero codes
+    item = int(np.flatnonzero(ds.items.multi["genres"][:, 1] > 0)[0])
+    codes = ds.items.multi["genres"][item]
+    tok = emb.tokens(torch.tensor([item]))[0]  # (parts, 8): id, decade, genres
+    torch.testing.assert_close(tok[2], emb.multi_embs[0].weight[torch.as_tensor(codes)].mean(0))
+    concat = ItemFeatureEmbedder(ds.items, ds.n_items, 8, combine="concat")
+    assert concat(ids[:2]).shape == (2, 60, 8)
+
+
+def test_user_and_history_embedders(ctx, batch):
+    from cascade.data.dataset import FeatureTable
+
+    none = UserFeatureEmbedder(FeatureTable(n=3), 8)
+    assert none(torch.zeros((4, 0), dtype=torch.long)).shape == (4, 8)
+    users = UserFeatureEmbedder(ctx.dataset.users, 8)
+    assert users(batch.user_feats).shape == (len(batch), 8)
+    with pytest.raises(ValueError, match="columns"):
+        users(batch.user_feats[:, :1])
+    hist = HistoryTokenEmbedder(ItemFeatureEmbedder(ctx.dataset.items, 120, 8), max_len=20)
+    x = hist(batch)
+    assert x.shape == (*batch.hist_items.shape, 8)
+    assert (x[~batch.hist_mask] == 0).all() and (x[batch.hist_mask].abs().sum(-1) > 0).all()
+
+
+def test_negative_sampler_mixture_and_log_q():
+    counts = np.array([100, 10, 0, 0, 1] * 20)
+    s = NegativeSampler(counts, pop_frac=0.5)
+    draws = s.sample(2000, 10, torch.Generator().manual_seed(0))
+    freq = np.bincount(draws.flatten().numpy(), minlength=100) / draws.numel()
+    expected = (0.5 * s.probs.numpy() + 0.5 / 100)
+    np.testing.assert_allclose(freq, expected, atol=0.004)
+    # log_q is the log of the expected number of draws among n_neg
+    np.testing.assert_allclose(
+        s.log_q(torch.arange(100), 10).exp().numpy(), 10 * expected, rtol=1e-5
+    )

@@ -85,14 +85,17 @@ def _stage_rows(m: dict) -> list[dict]:
 def _print_latency(console, title: str, rows: list[dict]) -> None:
     from rich.table import Table
 
+    def ms(x: float) -> str:
+        return f"{x:.1f}" if x >= 100 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
     t = Table(title=title, title_justify="left")
-    for c in ("variant", "stage", "K", "recall", "p50 ms", "p95 ms", "p99 ms", "p50 ms/request"):
-        t.add_column(c, justify="left" if c in ("variant", "stage") else "right")
+    for c in ("variant", "stage", "K", "recall", "p50", "p95", "p99", "p50/req"):
+        t.add_column(c, justify="left" if c in ("variant", "stage") else "right", no_wrap=True)
     for r in rows:
         t.add_row(
             r["variant"], r["stage"], str(r["k"]), f"{r['recall']:.4f}",
-            *(f"{r[f'{p}_ms']:.2f}" for p in ("p50", "p95", "p99")),
-            f"{r['p50_ms_per_request']:.4f}",
+            *(ms(r[f"{p}_ms"]) for p in ("p50", "p95", "p99")),
+            ms(r["p50_ms_per_request"]),
         )
     console.print(t)
 
@@ -106,7 +109,7 @@ def bench_ml100k(args, console, cache: Path, out: Path) -> dict:
     quick_train = {"epochs": 1, "max_steps_per_epoch": 20} if args.quick else None
     cfg = _config(
         args, name="bench-ml100k", data=data,
-        split=SplitConfig(kind="loo", max_requests=300 if args.quick else None),
+        split=SplitConfig(kind="loo", max_requests=200 if args.quick else None),
         train=quick_train, cache_dir=str(cache), retrain=True, out=str(out / "ml100k"),
         batch_size=256,
     )
@@ -168,9 +171,9 @@ def bench_catalogue(args, console, cache: Path, out: Path) -> list[dict]:
     from cascade.data.splits import SplitConfig
     from cascade.experiment import run_experiment
 
-    n_items = 100_000 if args.quick else args.items
-    n_users = 5_000 if args.quick else 50_000
-    n_events = 200_000 if args.quick else 2_000_000
+    n_items = 50_000 if args.quick else args.items
+    n_users = 2_000 if args.quick else 50_000
+    n_events = 50_000 if args.quick else 2_000_000
     indexes = ["Flat"] if args.quick else args.indexes
     results = []
     for index in indexes:
@@ -178,7 +181,7 @@ def bench_catalogue(args, console, cache: Path, out: Path) -> list[dict]:
         cfg = _config(
             args, name=f"bench-{n_items}-items-{index.replace(',', '-')}", data="synthetic:large",
             data_options={"n_items": n_items, "n_users": n_users, "n_events": n_events},
-            split=SplitConfig(kind="loo", max_requests=512 if args.quick else 4096),
+            split=SplitConfig(kind="loo", max_requests=256 if args.quick else 4096),
             train={"epochs": 1, "max_steps_per_epoch": 20 if args.quick else 200},
             cache_dir=str(cache), out=str(out / f"catalogue-{index.replace(',', '-')}"),
             index=index, oracle=False, reference=False, batch_size=256,
@@ -186,7 +189,9 @@ def bench_catalogue(args, console, cache: Path, out: Path) -> list[dict]:
         t0 = time.perf_counter()
         res = run_experiment(cfg, progress=not args.no_progress, log=lambda s: console.print(f"[dim]{s}[/dim]"))
         rows = _stage_rows(res.metrics)
-        _print_latency(console, f"per-stage latency, {n_items:,} items, index {index}, batch 256", rows)
+        _print_latency(
+            console, f"per-stage latency in ms per batch of 256 ({n_items:,} items, index {index})", rows
+        )
         results.append({
             "n_items": n_items, "n_users": n_users, "n_events": n_events, "index": index,
             "budgets": res.metrics["budgets"], "n_requests": res.metrics["data"]["n_requests"],

@@ -5,36 +5,44 @@ The world
 - Items belong to one of `n_categories` categories. Item popularity is Zipf: the item of
   popularity rank r (a random permutation, independent of category) has weight w ∝ r^-s.
 - Item latents are their category's centroid plus noise; a user picks `interests_per_user`
-  categories and their latent is the mean of those centroids plus noise. So the latent dot
-  product already "knows" a user's interests, as a two-tower model could.
+  categories and their latent has the same affinity for each of those centroids (plus noise).
+  So the latent dot product already "knows" a user's interests, as a two-tower model could,
+  but not which of them the user follows right now: that is left to the history.
 
 The ground-truth affinity of user u with history h (oldest -> newest) for item i is
 
     affinity = dot + cross
     dot      = x_u . y_i + log(n_items * w_i)                     (decoupled: two-tower-expressible)
-    cross    = cross_strength  * f(c)                             (category part)
-             + repeat_strength * [i among the last repeat_window events]        (repeat part)
-    c        = sum over the last history_window events e the user did not rate negatively of
-               [cat(e) == cat(i)] * (1 + recency_weight * [e among the last recent_window events])
-    f(c)     = log(1 + min(c, cross_cap)) / log(1 + cross_cap)    (concave, capped count in [0, 1])
+    cross    = cross_strength * (f(n_long) + recency_weight * n_short / recent_window)
+                              / (1 + recency_weight)                          (category part)
+             + repeat_strength * [i among the last repeat_window events]      (repeat part)
+    n_long   = how many of the last history_window events share i's category (events the user
+               rated negatively do not count); n_short the same over the last recent_window
+    f(n)     = log(1 + min(n, cross_cap)) / log(1 + cross_cap)    (concave, capped count in [0, 1])
 
 The category part is what a two-tower model of small dimension cannot express: it depends jointly
 on the counts of categories in the recent history and the candidate's category through a capped,
 non-linear count (exactly the count Hard Matching Attention computes, see shared/GESR.md), and
 the repeat part is an item-level match no low-rank dot product reproduces. `recency_weight` is
-the sequential-dynamics knob: with it, the categories of the last few events dominate, so users
-drift between their interests (and into new ones they happened to consume) in runs.
+the sequential-dynamics knob: it moves the category part's weight from the long window (which
+saturates: a user's regular interests all look alike there) to the last recent_window events
+(by default the last one), so users move between their interests, and into new ones they
+happened to consume, in sessions: the next item shares the last item's category far more often
+than an older item's.
 
 The simulation: every user's sequence is generated step by step, all users of a step at once
 (users sorted by sequence length, so the active ones are a prefix). The next item is drawn from
 p(i | u, h) ∝ exp(affinity(u, h, i)) over the whole catalogue by sampling-importance-resampling:
-a candidate pool is proposed (popularity draws shared by the step, draws from the user's interest
-categories through per-category quantile urns, draws from the recent history), each entry is
-weighted by exp(affinity) / q(entry) with q the exact density of the mixture proposal, and one
-entry is sampled. Category counts live in a (users x categories) state updated in O(1) per event
-as events enter and leave the windows. Ratings (1..5) grow with how much the user liked the item
-relative to the pool, plus noise, so positive, neutral and negative actions all occur; negatively
-rated events do not feed later category counts.
+a candidate pool is proposed from three disjoint parts of the catalogue (the recent history;
+the user's interest categories, through per-category popularity quantile urns; popularity draws
+shared by the step for everything else), each entry is weighted by exp(affinity) over its exact
+proposal density, and one entry is sampled. Finite pools make the result slightly flatter than
+the exact softmax (on `small`, the log's likelihood under the exact softmax is ~0.1 nat per
+event below its expectation). Category counts live in (users x categories) matrices updated in
+O(1) per event as events enter and leave the windows. Ratings (1..5) grow with how much the
+user liked the item (its affinity without the popularity term) plus noise, so positive, neutral
+and negative actions all occur (MovieLens-like shares); negatively rated events do not feed
+later category counts.
 
 `GroundTruth.affinity(batch, candidates, parts=...)` recomputes the same affinity from a
 `RequestBatch` (its history, masked with hist_len, and action codes). It equals the generator's
@@ -57,7 +65,7 @@ from torch import Tensor
 from cascade.data.dataset import EVENT_SCHEMA, Dataset, FeatureTable
 
 TRUTH_PARTS = ("dot", "cross", "category", "repeat")
-RATING_CENTER = 2.0  # rating of an average item before noise; gives a MovieLens-like mean
+RATING_CENTER = 2.1  # rating of an average item before noise; gives a MovieLens-like mean
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,13 +79,13 @@ class SyntheticConfig:
     zipf_exponent: float = 0.7  # item popularity weight ∝ rank^-zipf_exponent
     latent_dim: int = 16
     dot_strength: float = 1.5  # std of the user-item latent dot product over random pairs
-    cross_strength: float = 4.0  # weight of the category-count part of the affinity
+    cross_strength: float = 5.0  # weight of the category-count part of the affinity
     repeat_strength: float = 0.5  # weight of re-consuming one of the last repeat_window items
-    recency_weight: float = 2.0  # sequential dynamics: extra weight of the last recent_window events
+    recency_weight: float = 4.0  # sequential dynamics: weight of the recent vs the long window
     history_window: int = 30  # events the category count looks back over
-    recent_window: int = 5
+    recent_window: int = 1  # 1: the last event's category (first-order sessions)
     repeat_window: int = 10
-    cross_cap: float = 10.0  # category count saturates here
+    cross_cap: float = 10.0  # the long-window category count saturates here
     rating_noise: float = 0.8  # std of the noise on the (1..5) rating scale
     user_noise: float = 1.0  # user latent = mean of interest centroids + this much noise
     item_noise: float = 1.5  # item latent = category centroid + this much noise
@@ -139,7 +147,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str, **overrides) -> SyntheticConfig:
+def preset(name: str, /, **overrides) -> SyntheticConfig:
     """The named preset (tiny | small | medium | large) with `overrides` applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown synthetic preset {name!r}; known: {', '.join(PRESETS)}")
@@ -152,8 +160,11 @@ def preset(name: str, **overrides) -> SyntheticConfig:
     return SyntheticConfig(**{"name": name, **PRESETS[name], **overrides})
 
 
-def _f_count(c: Tensor, cap: float) -> Tensor:
-    return torch.log1p(c.clamp(0.0, cap)) / math.log1p(cap)
+def _category_term(n_long: Tensor, n_short: Tensor, cfg: SyntheticConfig) -> Tensor:
+    """The category part of the affinity from the two window counts (module docstring)."""
+    f = torch.log1p(n_long.clamp(0.0, cfg.cross_cap)) / math.log1p(cfg.cross_cap)
+    short = n_short.clamp(0.0, cfg.recent_window) / cfg.recent_window
+    return cfg.cross_strength * (f + cfg.recency_weight * short) / (1.0 + cfg.recency_weight)
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,8 +202,8 @@ class GroundTruth:
                 f"got {list(parts)}"
             )
         if "cross" in parts and ("category" in parts or "repeat" in parts):
-            raise ValueError("GroundTruth.affinity: 'cross' already includes 'category' and "
-                             "'repeat'; give one or the other")
+            raise ValueError("GroundTruth.affinity parts: 'cross' already includes 'category' "
+                             "and 'repeat'; give one or the other")
         cfg = self.config
         dev = candidates.device
         user_lat, item_lat, item_bias, item_cat = self._on(dev)
@@ -219,14 +230,14 @@ class GroundTruth:
             hist = torch.where(valid, hist, torch.zeros_like(hist))
         if want_cat and cfg.cross_strength != 0.0:
             counted = valid & (batch.hist_actions.to(dev) != 1)  # code 1 = negative action
-            w = counted.float() * (
-                (age < cfg.history_window).float()
-                + cfg.recency_weight * (age < cfg.recent_window).float()
-            )
-            counts = torch.zeros(len(batch), cfg.n_categories, device=dev)
-            counts.scatter_add_(1, item_cat[hist], w)  # (B, C)
-            c = counts.gather(1, item_cat[cand])  # (B, K)
-            out += cfg.cross_strength * _f_count(c, cfg.cross_cap)
+            hist_cat = item_cat[hist]  # (B, N)
+            cand_cat = item_cat[cand]  # (B, K)
+            n = []
+            for window in (cfg.history_window, cfg.recent_window):
+                w = (counted & (age < window)).float()
+                counts = torch.zeros(len(batch), cfg.n_categories, device=dev)
+                n.append(counts.scatter_add_(1, hist_cat, w).gather(1, cand_cat))  # (B, K)
+            out += _category_term(n[0], n[1], cfg)
         if want_rep and cfg.repeat_strength != 0.0:
             recent = valid & (age < cfg.repeat_window)
             hit = ((cand[:, :, None] == hist[:, None, :]) & recent[:, None, :]).any(-1)
@@ -288,7 +299,14 @@ def _make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     interests = np.argpartition(-(0.5 * np.log(cat_mass)[None, :] + gumbel),
                                 cfg.interests_per_user - 1, axis=1)
     interests = interests[:, : cfg.interests_per_user].astype(np.int64)
-    user_lat = centroids[interests].mean(1) + cfg.user_noise * rng.standard_normal((n_u, d))
+    # the user's latent has the SAME affinity (d) for each of their interest centroids: the
+    # minimum-norm solution of M u = d 1 (M: the interest centroids), plus noise. So no interest
+    # dominates by accident, and which one a user follows at a time is left to the dynamics.
+    m = centroids[interests]  # (n_u, I, d)
+    gram = m @ m.transpose(0, 2, 1) + 1e-6 * np.eye(cfg.interests_per_user)
+    coef = np.linalg.solve(gram, np.full((n_u, cfg.interests_per_user, 1), float(d)))
+    user_lat = (m.transpose(0, 2, 1) @ coef)[:, :, 0]
+    user_lat = user_lat + cfg.user_noise * rng.standard_normal((n_u, d))
     # scale so the dot product has std dot_strength over random (user, item) pairs
     ui = rng.integers(0, n_u, 20_000)
     ii = rng.integers(0, n_i, 20_000)
@@ -367,8 +385,8 @@ def _simulate(cfg: SyntheticConfig, world: _World, lengths: np.ndarray, rng: np.
     - every other item: `popularity_pool` popularity draws shared by all users of the step,
       each dropped (weight 0) for the users for whom it falls in another part.
     Category counts are kept as a (users x categories) state and, already transformed into the
-    affinity's cross term, as FG = [F | G] with F = cross_strength * f(count) and G = F but -inf
-    at the user's interest categories; both change in O(1) per event.
+    affinity's category term, as FG = [F | G] with F = the category term and G = F but -inf at
+    the user's interest categories; all change in O(1) per event.
 
     Returns the user order (internal index -> user id; users are sorted by sequence length so
     the active ones are always a prefix), the item order (internal index -> item id), the
@@ -377,7 +395,7 @@ def _simulate(cfg: SyntheticConfig, world: _World, lengths: np.ndarray, rng: np.
     n_u, n_i, n_c = cfg.n_users, cfg.n_items, cfg.n_categories
     P, Q, H, I = cfg.popularity_pool, cfg.interest_pool, cfg.history_pool, cfg.interests_per_user
     W, R, RR, T = cfg.history_window, cfg.recent_window, cfg.repeat_window, cfg.urn_size
-    cs, rs, rw, cap = cfg.cross_strength, cfg.repeat_strength, cfg.recency_weight, cfg.cross_cap
+    cs, rs = cfg.cross_strength, cfg.repeat_strength
 
     order = np.argsort(-lengths, kind="stable")  # internal index k -> user id
     n_active = np.searchsorted(-lengths[order], -np.arange(int(lengths.max())), side="left")
@@ -406,7 +424,8 @@ def _simulate(cfg: SyntheticConfig, world: _World, lengths: np.ndarray, rng: np.
     interests = torch.from_numpy(world.interests[order])  # (n_u, I)
     is_interest = torch.zeros(n_u, n_c, dtype=torch.bool)
     is_interest.scatter_(1, interests, True)
-    count = torch.zeros(n_u, n_c, dtype=torch.float32)  # recency-weighted category counts
+    n_long = torch.zeros(n_u, n_c, dtype=torch.float32)  # category counts, long window
+    n_short = torch.zeros(n_u, n_c, dtype=torch.float32)  # and recent window
     fg = torch.zeros(n_u, 2 * n_c, dtype=torch.float32)  # [F | G], see the docstring
     fg[:, n_c:].masked_fill_(is_interest, -math.inf)
     slot_of = torch.full((n_i,), -1, dtype=torch.int64)  # item -> popularity-pool slot
@@ -417,15 +436,19 @@ def _simulate(cfg: SyntheticConfig, world: _World, lengths: np.ndarray, rng: np.
     y_bar = torch.from_numpy((world.pop_w @ world.item_lat).astype(np.float32))
     like_scale = cfg.dot_strength + 0.5 * cs + 0.5 * rs + 1e-6
 
-    count_flat, fg_flat, is_interest_flat = count.view(-1), fg.view(-1), is_interest.view(-1)
+    long_flat, short_flat = n_long.view(-1), n_short.view(-1)
+    fg_flat, is_interest_flat = fg.view(-1), is_interest.view(-1)
 
     def rows(table: Tensor, idx: Tensor) -> Tensor:  # table[idx] for any idx shape, fast
         return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
 
-    def set_count(ar: Tensor, c: Tensor, delta: Tensor) -> None:
-        flat = ar * n_c + c  # (B,) cells of `count`, one per row
-        count_flat.index_add_(0, flat, delta)
-        v = cs * _f_count(count_flat.index_select(0, flat), cap)
+    def set_count(ar: Tensor, c: Tensor, d_long: Tensor | None, d_short: Tensor | None) -> None:
+        flat = ar * n_c + c  # (B,) cells of the count matrices, one per row
+        if d_long is not None:
+            long_flat.index_add_(0, flat, d_long)
+        if d_short is not None:
+            short_flat.index_add_(0, flat, d_short)
+        v = _category_term(long_flat.index_select(0, flat), short_flat.index_select(0, flat), cfg)
         fg_flat.index_copy_(0, ar * (2 * n_c) + c, v)
         masked = torch.where(is_interest_flat.index_select(0, flat), -math.inf, v)
         fg_flat.index_copy_(0, ar * (2 * n_c) + n_c + c, masked)
@@ -510,11 +533,11 @@ def _simulate(cfg: SyntheticConfig, world: _World, lengths: np.ndarray, rng: np.
         counted = (rating >= 3).float()  # negatively rated events do not feed category counts
 
         # windows: the new event enters, the events recent_window / history_window back leave
-        set_count(ar, cat_new, (1.0 + rw) * counted)
-        if t >= R and rw != 0.0:
-            set_count(ar, rows(item_cat, s_item[t - R][:B]), -rw * s_counted[t - R][:B])
+        set_count(ar, cat_new, counted, counted)
+        if t >= R:
+            set_count(ar, rows(item_cat, s_item[t - R][:B]), None, -s_counted[t - R][:B])
         if t >= W:
-            set_count(ar, rows(item_cat, s_item[t - W][:B]), -s_counted[t - W][:B])
+            set_count(ar, rows(item_cat, s_item[t - W][:B]), -s_counted[t - W][:B], None)
         gap = mean_gap_t[:B] * torch.exp(torch.randn(B, generator=gen) - 0.5)
         ts_cur[:B] += torch.clamp(gap.round(), min=1).long()
 

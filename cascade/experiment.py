@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import time
-import tomllib
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
+import tomllib
 import torch
 
 from cascade.data.dataset import Dataset
@@ -93,7 +95,7 @@ class StageSpec:
         return self.label or self.stage.rsplit(":", 1)[-1]
 
     @classmethod
-    def parse(cls, value: Any, where: str) -> "StageSpec":
+    def parse(cls, value: Any, where: str) -> StageSpec:
         if isinstance(value, StageSpec):
             return value
         if isinstance(value, str):
@@ -175,7 +177,7 @@ class RunConfig:
         _int(self.final_k, "budgets.final", minimum=1)
         ks = [(n, v) for n, v in (("retrieval", self.retrieval_k), ("esr", self.esr_k),
                                   ("final", self.final_k)) if v is not None]
-        for (n1, v1), (n2, v2) in zip(ks, ks[1:]):
+        for (_, v1), (_, v2) in itertools.pairwise(ks):
             if not v1 > v2:
                 raise ValueError(
                     "budgets must shrink through the funnel (retrieval > esr > final), got "
@@ -222,7 +224,7 @@ class RunConfig:
     def resolved_name(self, data_name: str | None = None) -> str:
         if self.name:
             return self.name
-        specs, primary, base = self.variant_specs()
+        _, primary, base = self.variant_specs()
         data = data_name or (Path(self.data).name if ("/" in self.data) else self.data)
         parts = [data.replace(":", "-"), primary.split(":")[-1]]
         if base:
@@ -231,7 +233,7 @@ class RunConfig:
 
     # -- TOML ----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> RunConfig:
         _check_keys(d, _TOP_KEYS, where)
         kw: dict[str, Any] = {k: v for k, v in d.items() if k not in ("split", "budgets")}
         if "split" in d:
@@ -270,7 +272,7 @@ class RunConfig:
             raise ValueError(f"{where}: {e}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         p = Path(path).expanduser()
         try:
             text = p.read_text()
@@ -318,7 +320,7 @@ class RunConfig:
 
         return dumps_toml(self.to_dict())
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -590,8 +592,14 @@ def variant_metrics(
 ) -> dict:
     """The metrics.json entry of one ESR variant."""
     from cascade.metrics import (
-        HISTORY_BUCKETS, POPULARITY_BUCKETS, breakdown, funnel_latency, quality_summary,
-        stage_latency, survival_chain, throughput,
+        HISTORY_BUCKETS,
+        POPULARITY_BUCKETS,
+        breakdown,
+        funnel_latency,
+        quality_summary,
+        stage_latency,
+        survival_chain,
+        throughput,
     )
 
     part = frame.filter(pl.col("variant") == label)

@@ -23,7 +23,7 @@ Conventions (shared with `cascade.replay` and the run records):
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import polars as pl

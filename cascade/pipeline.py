@@ -12,8 +12,8 @@ misbehaving stage fails with its own name, and every stage is timed with a monot
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ class Budgets:
                 f"retrieval={self.retrieval}, esr={self.esr}, final={self.final}"
             )
 
-    def check_catalogue(self, n_items: int) -> "Budgets":
+    def check_catalogue(self, n_items: int) -> Budgets:
         if self.retrieval > n_items:
             raise ValueError(
                 f"retrieval budget {self.retrieval} exceeds the catalogue of {n_items} items"
@@ -63,7 +63,7 @@ class Budgets:
 def _round_nice(x: float) -> int:
     """Round to a multiple of 10 from 100 up, of 5 below (budgets people can read)."""
     step = 10 if x >= 100 else 5 if x >= 10 else 1
-    return max(1, int(round(x / step)) * step)
+    return max(1, round(x / step) * step)
 
 
 def default_budgets(n_items: int, *, final: int = 10) -> Budgets:

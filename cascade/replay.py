@@ -21,7 +21,14 @@ import polars as pl
 import torch
 
 from cascade.data.traffic import Traffic
-from cascade.metrics import ndcg, hit_rate, overlap_at_k, recall, reciprocal_rank, target_ranks
+from cascade.metrics import (
+    hit_rate,
+    ndcg,
+    overlap_at_k,
+    recall,
+    reciprocal_rank,
+    target_ranks,
+)
 from cascade.pipeline import Pipeline
 
 LATENCY_SCHEMA = {
@@ -109,7 +116,13 @@ def replay(
     description: str = "replay",
 ) -> ReplayResult:
     """Run `pipeline` over every request of `traffic` (see module docstring)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -42,6 +41,7 @@ def _train_override(kind: str, stage: str, train: dict) -> dict:
 
 def _config(args, *, name, data, data_options=None, split=None, train=None, **kw):
     from cascade.data.splits import SplitConfig
+
     from cascade.experiment import RunConfig, StageSpec
 
     train = train or {}
@@ -101,8 +101,9 @@ def _print_latency(console, title: str, rows: list[dict]) -> None:
 
 
 def bench_ml100k(args, console, cache: Path, out: Path) -> dict:
-    from cascade.commands.run import funnel_table, reference_table
     from cascade.data.splits import SplitConfig
+
+    from cascade.commands.run import funnel_table, reference_table
     from cascade.experiment import run_experiment
 
     data = args.ml100k or (str(ML100K_SHARED) if (ML100K_SHARED / "u.data").exists() else "ml-100k")
@@ -169,6 +170,7 @@ def bench_ml100k(args, console, cache: Path, out: Path) -> dict:
 
 def bench_catalogue(args, console, cache: Path, out: Path) -> list[dict]:
     from cascade.data.splits import SplitConfig
+
     from cascade.experiment import run_experiment
 
     n_items = 50_000 if args.quick else args.items
@@ -217,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     args = p.parse_args(argv)
 
+    from cascade.stages.training import atomic_write_bytes
     from rich.console import Console
 
     from cascade.env import capture
     from cascade.records import dumps_json
-    from cascade.stages.training import atomic_write_bytes
 
     console = Console()
     env = capture(sys.argv if argv is None else ["bench_funnel.py", *argv])

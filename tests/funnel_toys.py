@@ -18,11 +18,10 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from cascade.data.dataset import Dataset, FeatureTable, finalize_events
 from cascade.stages.base import Candidates
 from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
+from torch import nn
 
 
 def planted_dataset(n_users: int = 150, n_items: int = 240, length: int = 30, seed: int = 0) -> Dataset:

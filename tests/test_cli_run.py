@@ -141,8 +141,9 @@ def test_cli_refuses_to_overwrite_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_cli_builtin_funnel_on_tiny_synthetic(tmp_path):
-    from cascade.records import dumps_toml
     from funnel_toys import builtin_stage_specs
+
+    from cascade.records import dumps_toml
 
     stages = builtin_stage_specs(epochs=1, steps=10)
     if stages is None:

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from cascade.stages.base import StageError
 
 from cascade.experiment import (
     RunConfig,
@@ -22,12 +23,10 @@ from cascade.experiment import (
 from cascade.pipeline import Budgets, Pipeline, default_budgets, resolve_budgets
 from cascade.records import RunFormatError, load_run, write_run
 from cascade.replay import replay
-from cascade.stages.base import StageError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from funnel_toys import (  # noqa: E402
+from funnel_toys import (
     CoocRetriever,
-    MFRanker,
     NaNRanker,
     PopRanker,
     WrongShapeRanker,
@@ -186,7 +185,7 @@ def test_latency_is_recorded_per_variant_stage_and_batch(toy_run):
 
 
 def test_run_folder_is_complete_and_documented(toy_run):
-    cfg, tmp, res = toy_run
+    _, _, res = toy_run
     run = load_run(res.path)
     m = run.metrics
     assert m["format"] == "cascade-run/1"
@@ -264,7 +263,7 @@ def test_bad_stage_output_is_caught_with_the_stage_name(fitted, bad, what):
 
 
 def test_retrieval_output_is_checked(fitted):
-    prep, ret, pop = fitted
+    prep, _, pop = fitted
 
     class OutOfCatalogue(CoocRetriever):
         name = "outofcat"
@@ -280,7 +279,7 @@ def test_retrieval_output_is_checked(fitted):
 
 
 def test_padding_from_retrieval_is_ranked_last(fitted):
-    prep, ret, pop = fitted
+    prep, _, pop = fitted
 
     class Short(CoocRetriever):
         name = "short"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -150,9 +150,9 @@ def build_config(
     overrides: dict[str, Any],
 ):
     """The RunConfig from an optional TOML file plus command-line overrides (None = not given)."""
-    from cascade.data.splits import SplitConfig
-    from cascade.experiment import RunConfig
     import dataclasses
+
+    from cascade.experiment import RunConfig
 
     cfg = RunConfig.load(config) if config is not None else RunConfig()
     ch: dict[str, Any] = {}
@@ -185,25 +185,25 @@ def build_config(
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        config: Annotated[Optional[Path], typer.Option("--config", help="RunConfig TOML file (flags override it).")] = None,
-        data: Annotated[Optional[str], typer.Option(help="ml-100k, ml-1m, ..., a path, or synthetic[:tiny|small|medium|large] (default synthetic).")] = None,
-        split: Annotated[Optional[str], typer.Option(help="loo (leave-one-out) or temporal.")] = None,
-        esr: Annotated[Optional[str], typer.Option(help="Early-stage ranker: twotower (default), gesr, popular, or package.module:Class.")] = None,
-        esr_baseline: Annotated[Optional[str], typer.Option(help="A second ESR on the same candidates; adds paired deltas with 95% CIs.")] = None,
-        retrieval: Annotated[Optional[str], typer.Option(help="Retrieval stage (default twotower) or package.module:Class.")] = None,
-        lsr: Annotated[Optional[str], typer.Option(help="Late-stage ranker (default lsr) or package.module:Class.")] = None,
-        retrieval_k: Annotated[Optional[int], typer.Option(help="Candidates retrieval passes on (default: ~15% of the catalogue, 50..1000).")] = None,
-        esr_k: Annotated[Optional[int], typer.Option(help="Candidates the ESR passes on (default: ~retrieval/4).")] = None,
-        final_k: Annotated[Optional[int], typer.Option(help="Length of the final list (default 10).")] = None,
-        index: Annotated[Optional[str], typer.Option(help="FAISS index_factory string for retrieval: Flat, IVF256,Flat, HNSW32, ...")] = None,
-        device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-        seed: Annotated[Optional[int], typer.Option(help="Seed for training and sampling.")] = None,
-        max_len: Annotated[Optional[int], typer.Option(help="History events per request the stages see (default 50).")] = None,
-        max_requests: Annotated[Optional[int], typer.Option(help="Cap on validation and test requests (seeded sample).")] = None,
-        batch_size: Annotated[Optional[int], typer.Option(help="Replay batch size (default 256).")] = None,
-        out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<time>-<name>).")] = None,
-        name: Annotated[Optional[str], typer.Option(help="Run name.")] = None,
-        cache_dir: Annotated[Optional[Path], typer.Option(help="Trained-stage cache (default $CASCADE_CACHE_DIR or ~/.cache/cascade/models).")] = None,
+        config: Annotated[Path | None, typer.Option("--config", help="RunConfig TOML file (flags override it).")] = None,
+        data: Annotated[str | None, typer.Option(help="ml-100k, ml-1m, ..., a path, or synthetic[:tiny|small|medium|large] (default synthetic).")] = None,
+        split: Annotated[str | None, typer.Option(help="loo (leave-one-out) or temporal.")] = None,
+        esr: Annotated[str | None, typer.Option(help="Early-stage ranker: twotower (default), gesr, popular, or package.module:Class.")] = None,
+        esr_baseline: Annotated[str | None, typer.Option(help="A second ESR on the same candidates; adds paired deltas with 95% CIs.")] = None,
+        retrieval: Annotated[str | None, typer.Option(help="Retrieval stage (default twotower) or package.module:Class.")] = None,
+        lsr: Annotated[str | None, typer.Option(help="Late-stage ranker (default lsr) or package.module:Class.")] = None,
+        retrieval_k: Annotated[int | None, typer.Option(help="Candidates retrieval passes on (default: ~15% of the catalogue, 50..1000).")] = None,
+        esr_k: Annotated[int | None, typer.Option(help="Candidates the ESR passes on (default: ~retrieval/4).")] = None,
+        final_k: Annotated[int | None, typer.Option(help="Length of the final list (default 10).")] = None,
+        index: Annotated[str | None, typer.Option(help="FAISS index_factory string for retrieval: Flat, IVF256,Flat, HNSW32, ...")] = None,
+        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+        seed: Annotated[int | None, typer.Option(help="Seed for training and sampling.")] = None,
+        max_len: Annotated[int | None, typer.Option(help="History events per request the stages see (default 50).")] = None,
+        max_requests: Annotated[int | None, typer.Option(help="Cap on validation and test requests (seeded sample).")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Replay batch size (default 256).")] = None,
+        out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<time>-<name>).")] = None,
+        name: Annotated[str | None, typer.Option(help="Run name.")] = None,
+        cache_dir: Annotated[Path | None, typer.Option(help="Trained-stage cache (default $CASCADE_CACHE_DIR or ~/.cache/cascade/models).")] = None,
         retrain: Annotated[bool, typer.Option("--retrain", help="Ignore cached checkpoints and train again.")] = False,
         no_oracle: Annotated[bool, typer.Option("--no-oracle", help="Skip the LSR pass over every retrieved candidate.")] = False,
         no_reference: Annotated[bool, typer.Option("--no-reference", help="Skip the full-catalogue LSR and most-popular reference points.")] = False,

@@ -107,6 +107,12 @@ def make_split(dataset: Dataset, config: SplitConfig | None = None) -> Split:
             )
         # an event at the cut belongs to the later window; histories may span the cut
         train = ev.filter(pl.col("ts") < t_valid)
+        if train.height == 0:
+            raise DataError(
+                f"dataset {dataset.name!r}: the temporal split left no training events (the "
+                f"validation cut {t_valid} is the earliest timestamp); lower valid_frac/test_frac "
+                f"or use --split loo"
+            )
         valid = ev.filter((pl.col("ts") >= t_valid) & (pl.col("ts") < t_test))
         test = ev.filter(pl.col("ts") >= t_test)
         cold = test.filter(pl.col("pos") == 0).height

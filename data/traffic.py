@@ -79,6 +79,13 @@ class Traffic:
         self._ev_action = action_codes(ev["action"].to_numpy())
         self._offsets = dataset.user_offsets()
         self._user_feats = dataset.users.categorical_matrix()
+        if len(self.user) and (self.user.min() < 0 or self.user.max() >= dataset.n_users):
+            raise DataError(
+                f"request table has user ids outside [0, {dataset.n_users}) "
+                f"(got {self.user.min()}..{self.user.max()})"
+            )
+        if len(self.pos) and self.pos.min() < 0:
+            raise DataError(f"request table has a negative pos ({self.pos.min()})")
         n_user_events = self._offsets[self.user + 1] - self._offsets[self.user]
         if len(self.user) and (self.pos > n_user_events).any():
             raise DataError("request table has a pos beyond its user's events")

@@ -152,6 +152,15 @@ def test_temporal_split_rejects_coarse_timestamps():
         make_split(_handmade(frame, n_users=2, n_items=3), SplitConfig(kind="temporal"))
 
 
+def test_temporal_split_rejects_an_empty_training_window():
+    # 90% of the events share the first timestamp: the validation cut is the earliest time
+    frame = pl.DataFrame({"user": list(range(20)), "item": [0] * 20,
+                          "ts": [1] * 18 + [2, 3], "rating": [4.0] * 20})
+    with pytest.raises(DataError, match="no training events"):
+        make_split(_handmade(frame, n_users=20, n_items=1),
+                   SplitConfig(kind="temporal", valid_frac=0.05, test_frac=0.05))
+
+
 def test_max_requests_samples_deterministically(synthetic_ds):
     cfg = SplitConfig(kind="temporal", max_requests=50, seed=7)
     a, b = make_split(synthetic_ds, cfg), make_split(synthetic_ds, cfg)
@@ -304,3 +313,8 @@ def test_traffic_multiple_targets_and_bad_requests(synthetic_ds):
     bad = split.test.head(1).with_columns(pl.lit(10**6).cast(pl.Int64).alias("pos"))
     with pytest.raises(DataError, match="beyond"):
         Traffic(synthetic_ds, bad)
+    for col, value, msg in (("user", synthetic_ds.n_users, "user ids outside"),
+                            ("user", -1, "user ids outside"), ("pos", -2, "negative pos")):
+        bad = split.test.head(2).with_columns(pl.lit(value).cast(pl.Int64).alias(col))
+        with pytest.raises(DataError, match=msg):
+            Traffic(synthetic_ds, bad)

@@ -30,6 +30,7 @@ CROSS_KINDS: tuple[str, ...] = ("nro", "ro")
 ATTN_KINDS: tuple[str, ...] = ("silu", "softmax")
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "ref")
 NRO_QUERIES: tuple[str, ...] = ("item", "features")
+VALID_METRICS: tuple[str, ...] = ("mixture_mrr", "sampled_mrr")
 
 
 def _from_dict(cls: type, value: Any, owner: str) -> Any:
@@ -149,9 +150,15 @@ class GESRConfig:
     dropout: float = 0.0
     recent: int = 5  # the user tower also pools this many newest history tokens
     n_negatives: int = 16  # sampled negatives per training request
-    pop_negatives: float = 0.5  # share of them drawn by popularity ** 0.75 (the rest uniformly)
+    interest_negatives: float = 0.5  # share of them interest-matched (a category of a random
+    #                                  history event; see sampling.py)
+    pop_negatives: float = 0.5  # of the other negatives, share drawn by popularity ** 0.75
+    #                             (the rest uniformly)
+    logq_correction: bool = True  # train on s - log E(i | u), so s is unbiased by the sampler
     aux_weight: float = 0.5  # weight of the auxiliary BCE on the primary logit alone
-    valid_negatives: int = 100  # sampled_mrr negatives for early stopping
+    valid_metric: str = "mixture_mrr"  # early stopping: "mixture_mrr" (negatives drawn as in
+    #                                    training) or "sampled_mrr" (uniform negatives)
+    valid_negatives: int = 100  # negatives per validation request
     valid_requests: int = 2000  # validation requests used (evenly spaced subsample)
     score_chunk_pairs: int = 16384  # serving: requests are scored in groups of about this many
     #                                 (request, candidate) pairs, so the per-pair intermediates
@@ -183,10 +190,18 @@ class GESRConfig:
             raise ValueError(
                 f"GESRConfig.nro_queries must be one of {list(NRO_QUERIES)}, got {self.nro_queries!r}"
             )
+        if self.valid_metric not in VALID_METRICS:
+            raise ValueError(
+                f"GESRConfig.valid_metric must be one of {list(VALID_METRICS)}, got {self.valid_metric!r}"
+            )
         if self.impl not in IMPLS:
             raise ValueError(f"GESRConfig.impl must be one of {list(IMPLS)}, got {self.impl!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GESRConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.interest_negatives <= 1.0:
+            raise ValueError(
+                f"GESRConfig.interest_negatives must be in [0, 1], got {self.interest_negatives}"
+            )
         if not 0.0 <= self.pop_negatives <= 1.0:
             raise ValueError(f"GESRConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
         if self.aux_weight < 0:

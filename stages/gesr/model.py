@@ -114,6 +114,9 @@ class GESRModel(nn.Module):
         moa = cfg.moa
         big, d = cfg.dim, cfg.moa_dim
         self.n_items = n_items
+        # the category table HMA and the interest-matched sampler read (None: no categories)
+        self.item_categories = item_categories
+        self.n_categories = n_categories
         token_feats = item_features if moa.token_features else FeatureTable(n=n_items)
         self.items = ItemFeatureEmbedder(token_feats, n_items, big)
         self.history = HistoryTokenEmbedder(self.items, max_len=moa.history_len)
@@ -195,6 +198,13 @@ class GESRModel(nn.Module):
         if mode:
             self._cache = None  # weights are about to change
         return super().train(mode)
+
+    def primary_items(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(item tower outputs (*, D), item biases (*)) of `ids`: the item side of l0."""
+        c = self.cache
+        if c is not None:
+            return c.tower[ids], c.bias[ids]
+        return self.item_tower(self.items(ids)), self.item_bias(ids).squeeze(-1)
 
     def _item_quantities(self, ids: Tensor, *, tokens: bool = True) -> ItemCache:
         """Item-only quantities for `ids` (any shape; the outputs add their dims after it).

@@ -54,15 +54,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 import polars as pl
 import torch
-from torch import Tensor
-
 from cascade.data.dataset import EVENT_SCHEMA, Dataset, FeatureTable
+from torch import Tensor
 
 TRUTH_PARTS = ("dot", "cross", "category", "repeat")
 RATING_CENTER = 2.1  # rating of an average item before noise; gives a MovieLens-like mean
@@ -604,15 +603,15 @@ def generate(config: SyntheticConfig | None = None, *, progress: bool = False) -
         item_category=torch.from_numpy(world.item_cat),
         user_interests=torch.from_numpy(world.interests),
     )
-    seen = np.unique(item).size
+    seen = int(np.count_nonzero(np.bincount(item, minlength=cfg.n_items)))
     pos_share = float((action == 1).mean())
     neg_share = float((action == -1).mean())
     report = (
-        f"synthetic: {cfg.n_users} users, {cfg.n_items} items ({seen} consumed), {n} events, "
-        f"{cfg.n_categories} categories, zipf {cfg.zipf_exponent}",
-        f"synthetic: cross_strength {cfg.cross_strength}, repeat_strength {cfg.repeat_strength}, "
-        f"recency_weight {cfg.recency_weight}; actions {pos_share:.0%} positive, "
-        f"{neg_share:.0%} negative",
+        (f"synthetic: {cfg.n_users} users, {cfg.n_items} items ({seen} consumed), {n} events, "
+         f"{cfg.n_categories} categories, zipf {cfg.zipf_exponent}"),
+        (f"synthetic: cross_strength {cfg.cross_strength}, repeat_strength "
+         f"{cfg.repeat_strength}, recency_weight {cfg.recency_weight}; actions "
+         f"{pos_share:.0%} positive, {neg_share:.0%} negative"),
         f"synthetic: generated in {time.perf_counter() - t0:.1f} s (seed {cfg.seed})",
     )
     src = ", ".join(f"{k}={v}" for k, v in asdict(cfg).items())
@@ -632,4 +631,4 @@ def generate(config: SyntheticConfig | None = None, *, progress: bool = False) -
     )
 
 
-__all__ = ["GroundTruth", "PRESETS", "SyntheticConfig", "TRUTH_PARTS", "generate", "preset"]
+__all__ = ["PRESETS", "TRUTH_PARTS", "GroundTruth", "SyntheticConfig", "generate", "preset"]

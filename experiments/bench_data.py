@@ -89,7 +89,6 @@ def bench_ml100k(path: Path, repeats: int) -> dict:
 def child_generate(preset_name: str) -> None:
     """Runs in the child process: generate and print one JSON line."""
     import torch
-
     from cascade.data.synthetic import generate, preset
 
     rss_import = _rss_gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -151,8 +150,9 @@ def main() -> None:
         child_generate(args.child)
         return
 
-    from cascade.env import capture
     from cascade.stages.training import atomic_write_bytes
+
+    from cascade.env import capture
 
     console = Console()
     record: dict = {"benchmark": "bench_data", "quick": args.quick,

@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-
 from cascade.data.traffic import RequestBatch
 from cascade.stages.base import FitContext, StageError, register
 from cascade.stages.twotower import PAD_SCORE
+from torch import Tensor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +65,7 @@ class OracleRanker:
         self.device = torch.device("cpu")
         self.report: dict = {}
 
-    def fit(self, ctx: FitContext) -> "OracleRanker":
+    def fit(self, ctx: FitContext) -> OracleRanker:
         truth = getattr(ctx.dataset, "truth", None)
         if truth is None or not callable(getattr(truth, "affinity", None)):
             raise StageError(

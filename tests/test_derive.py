@@ -6,8 +6,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from sklearn.metrics import adjusted_rand_score
-
 from cascade.data.dataset import Dataset, FeatureTable, finalize_events
 from cascade.data.derive import (
     N_ACTION_CODES,
@@ -18,6 +16,7 @@ from cascade.data.derive import (
     gap_buckets,
     pseudo_categories,
 )
+from sklearn.metrics import adjusted_rand_score
 
 
 def test_action_thresholds():

@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-
 from cascade.data.dataset import DataError, Dataset, FeatureTable, finalize_events
 from cascade.data.splits import SplitConfig, make_split, training_requests
 from cascade.data.synthetic import generate, preset
@@ -217,7 +216,7 @@ def _by_hand(ds: Dataset, user: int, pos: int, ts: int, max_len: int):
         rt = r["rating"]
         a = 1 if rt is None or rt >= 4 else (-1 if rt <= 2 else 0)
         rating_code.append({-1: 1, 0: 2, 1: 3}[a])
-    gaps = [1 + min(int(math.floor(math.log2(1 + (ts - r["ts"])))), 30) for r in earlier]
+    gaps = [1 + min(math.floor(math.log2(1 + (ts - r["ts"]))), 30) for r in earlier]
     return items, rating_code, gaps
 
 

@@ -10,8 +10,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from scipy.stats import spearmanr
-
 from cascade.data.dataset import EVENT_SCHEMA, Dataset, finalize_events
 from cascade.data.derive import action_expr
 from cascade.data.splits import SplitConfig, make_split
@@ -19,6 +17,7 @@ from cascade.data.synthetic import GroundTruth, SyntheticConfig, generate, prese
 from cascade.data.traffic import Traffic
 from cascade.stages.base import FitContext, StageError, resolve_stage_class
 from cascade.stages.twotower import PAD_SCORE
+from scipy.stats import spearmanr
 
 
 @pytest.fixture(scope="session")

@@ -566,6 +566,7 @@ def generate(config: SyntheticConfig | None = None, *, progress: bool = False) -
     pool = cfg.popularity_pool + cfg.interest_pool + cfg.history_pool
     if cfg.n_users * pool < 2**20:
         torch.set_num_threads(1)
+    sim_threads = torch.get_num_threads()
     try:
         order, iorder, n_active, s_item, s_rating, s_ts = _simulate(cfg, world, lengths, rng,
                                                                     progress)
@@ -612,7 +613,8 @@ def generate(config: SyntheticConfig | None = None, *, progress: bool = False) -
         (f"synthetic: cross_strength {cfg.cross_strength}, repeat_strength "
          f"{cfg.repeat_strength}, recency_weight {cfg.recency_weight}; actions "
          f"{pos_share:.0%} positive, {neg_share:.0%} negative"),
-        f"synthetic: generated in {time.perf_counter() - t0:.1f} s (seed {cfg.seed})",
+        (f"synthetic: generated in {time.perf_counter() - t0:.1f} s on {sim_threads} "
+         f"thread(s) (seed {cfg.seed})"),
     )
     src = ", ".join(f"{k}={v}" for k, v in asdict(cfg).items())
     return Dataset(

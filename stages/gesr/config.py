@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from cascade.stages.training import TrainConfig
 
@@ -33,18 +33,19 @@ NRO_QUERIES: tuple[str, ...] = ("item", "features")
 VALID_METRICS: tuple[str, ...] = ("mixture_mrr", "sampled_mrr")
 
 
-def _from_dict(cls: type, value: Any, owner: str) -> Any:
-    """`value` as a `cls` instance: a dict is unpacked (unknown keys named in the error)."""
+def _from_dict(cls: type, value: Any, owner: str, base: Any) -> Any:
+    """`value` as a `cls` instance: a dict overrides the fields of `base` (GESR's defaults, so
+    `train={"epochs": 2}` keeps GESR's other training settings); unknown keys are named."""
     if isinstance(value, cls):
         return value
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - names)
         if unknown:
             raise ValueError(
                 f"{owner}: unknown key(s) {unknown}; allowed: {sorted(names)}"
             )
-        return cls(**value)
+        return dataclasses.replace(base, **value)
     raise ValueError(f"{owner} must be a {cls.__name__} or a dict, got {type(value).__name__}")
 
 
@@ -167,8 +168,10 @@ class GESRConfig:
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "moa", _from_dict(MoAConfig, self.moa, "GESRConfig.moa"))
-        object.__setattr__(self, "train", _from_dict(TrainConfig, self.train, "GESRConfig.train"))
+        moa = _from_dict(MoAConfig, self.moa, "GESRConfig.moa", MoAConfig())
+        object.__setattr__(self, "moa", moa)
+        train = _from_dict(TrainConfig, self.train, "GESRConfig.train", _default_train())
+        object.__setattr__(self, "train", train)
         for name in ("dim", "hidden", "moa_dim", "n_heads", "cross_heads", "hma_dim",
                      "logit_hidden", "recent",
                      "n_negatives", "valid_negatives", "valid_requests", "score_chunk_pairs"):

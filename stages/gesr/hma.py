@@ -61,6 +61,7 @@ def parse_pair(pair: str) -> tuple[str, str]:
 
 def _range_count(sorted_seq: Tensor, values: Tensor) -> Tensor:
     """(B, N) ascending rows, (B, n) values -> (B, n) number of occurrences of each value."""
+    values = values.contiguous()
     hi = torch.searchsorted(sorted_seq, values, right=True)
     lo = torch.searchsorted(sorted_seq, values, right=False)
     return hi - lo

@@ -89,7 +89,8 @@ def synth_ctx(tmp_path_factory) -> FitContext:
 
 
 TRAIN_CFG = dict(TINY, valid_requests=150,
-                 train=dict(epochs=3, batch_size=128, max_steps_per_epoch=25, patience=3, lr=5e-3))
+                 pretrain=dict(epochs=2, batch_size=256, max_steps_per_epoch=20, lr=5e-3),
+                 train=dict(epochs=2, batch_size=128, max_steps_per_epoch=20, patience=3, lr=5e-3))
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +259,7 @@ def test_module_switches_change_parameters(multi, batch):
     (dict(moa=dict(colour=1)), "colour"),
     (dict(moa_dim=15), "moa_dim"),
     (dict(nro_queries="all"), "nro_queries"),
-    (dict(valid_metric="auc"), "valid_metric"),
+    (dict(pretrain={"epochs": 0}), "epochs"),
     (dict(interest_negatives=1.5), "interest_negatives"),
 ])
 def test_config_errors_name_the_field(bad, field):
@@ -297,9 +298,8 @@ def test_trains_on_tiny_synthetic_and_beats_chance(trained, synth_ctx):
     r = trained.report
     # chance MRR among 1 + 100 uniform items is about 0.05
     assert r["valid_sampled_mrr"] > 0.2, r
-    assert r["valid_mixture_mrr"] > 0.1, r
     assert 0 < r["ne"] < 1.0  # better than predicting the positive rate
-    assert {"epochs_run", "best_epoch", "ne_primary", "valid_sampled_mrr_primary"} <= set(r)
+    assert {"epochs_run", "best_epoch", "ne_primary", "valid_sampled_mrr_primary", "pretrain"} <= set(r)
     # the trained model beats the same model untrained on the validation requests
     untrained = GESRStage(GESRConfig(**TRAIN_CFG))
     untrained.model = GESRModel.from_dataset(synth_ctx.dataset, untrained.config).eval()
@@ -346,6 +346,7 @@ hidden = 16
 moa_dim = 8
 valid_requests = 40
 train = {epochs = 1, max_steps_per_epoch = 2, batch_size = 64}
+pretrain = {epochs = 1, max_steps_per_epoch = 2, batch_size = 64}
 [twotower]
 dim = 16
 train = {epochs = 1, max_steps_per_epoch = 2}

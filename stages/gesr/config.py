@@ -30,7 +30,6 @@ CROSS_KINDS: tuple[str, ...] = ("nro", "ro")
 ATTN_KINDS: tuple[str, ...] = ("silu", "softmax")
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "ref")
 NRO_QUERIES: tuple[str, ...] = ("item", "features")
-VALID_METRICS: tuple[str, ...] = ("mixture_mrr", "sampled_mrr")
 
 
 def _from_dict(cls: type, value: Any, owner: str, base: Any) -> Any:
@@ -128,8 +127,13 @@ class MoAConfig:
 
 
 def _default_train() -> TrainConfig:
-    # sized for ml-100k in about a minute on 2 cores, shared with the other stages
-    return TrainConfig(epochs=4, batch_size=256, lr=3e-3, patience=1, max_steps_per_epoch=120)
+    # phase 2 (all modules): sized with phase 1 for ml-100k in about a minute on 2 cores
+    return TrainConfig(epochs=3, batch_size=256, lr=2e-3, patience=1, max_steps_per_epoch=120)
+
+
+def _default_pretrain() -> TrainConfig:
+    # phase 1 (the towers alone): the two-tower ESR's own schedule
+    return TrainConfig(epochs=8, batch_size=512, lr=2e-3, patience=2, max_steps_per_epoch=150)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,7 +152,7 @@ class GESRConfig:
     #                            embedding) or "features" (one per feature token: F x the cost)
     hma_dim: int = 8  # width of one HMA count-bucket embedding
     logit_hidden: int = 32  # hidden width of the HMA MLP and of the secondary-logit MLPs
-    dropout: float = 0.0
+    dropout: float = 0.1  # in the tower MLPs and the self-attention layers
     recent: int = 5  # the user tower also pools this many newest history tokens
     n_negatives: int = 16  # sampled negatives per training request
     interest_negatives: float = 0.5  # share of them interest-matched (a category of a random
@@ -157,14 +161,14 @@ class GESRConfig:
     #                             (the rest uniformly)
     logq_correction: bool = True  # train on s - log E(i | u), so s is unbiased by the sampler
     aux_weight: float = 0.5  # weight of the auxiliary BCE on the primary logit alone
-    valid_metric: str = "mixture_mrr"  # early stopping: "mixture_mrr" (negatives drawn as in
-    #                                    training) or "sampled_mrr" (uniform negatives)
     valid_negatives: int = 100  # negatives per validation request
     valid_requests: int = 2000  # validation requests used (evenly spaced subsample)
     score_chunk_pairs: int = 16384  # serving: requests are scored in groups of about this many
     #                                 (request, candidate) pairs, so the per-pair intermediates
     #                                 stay in cache (on CPU ~2x faster than one huge call)
     moa: MoAConfig = field(default_factory=MoAConfig)
+    pretrain_towers: bool = True  # phase 1: train the towers alone first (see stage.py)
+    pretrain: TrainConfig = field(default_factory=_default_pretrain)
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
@@ -172,6 +176,8 @@ class GESRConfig:
         object.__setattr__(self, "moa", moa)
         train = _from_dict(TrainConfig, self.train, "GESRConfig.train", _default_train())
         object.__setattr__(self, "train", train)
+        pre = _from_dict(TrainConfig, self.pretrain, "GESRConfig.pretrain", _default_pretrain())
+        object.__setattr__(self, "pretrain", pre)
         for name in ("dim", "hidden", "moa_dim", "n_heads", "cross_heads", "hma_dim",
                      "logit_hidden", "recent",
                      "n_negatives", "valid_negatives", "valid_requests", "score_chunk_pairs"):
@@ -193,12 +199,10 @@ class GESRConfig:
             raise ValueError(
                 f"GESRConfig.nro_queries must be one of {list(NRO_QUERIES)}, got {self.nro_queries!r}"
             )
-        if self.valid_metric not in VALID_METRICS:
-            raise ValueError(
-                f"GESRConfig.valid_metric must be one of {list(VALID_METRICS)}, got {self.valid_metric!r}"
-            )
         if self.impl not in IMPLS:
             raise ValueError(f"GESRConfig.impl must be one of {list(IMPLS)}, got {self.impl!r}")
+        if not isinstance(self.pretrain_towers, bool):
+            raise ValueError(f"GESRConfig.pretrain_towers must be true or false, got {self.pretrain_towers!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GESRConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.interest_negatives <= 1.0:

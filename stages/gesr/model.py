@@ -70,8 +70,10 @@ from cascade.stages.gesr.mlpg import MLPG, UngatedFusion
 TOKEN_CACHE_LIMIT_BYTES = 512 << 20
 
 
-def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out))
+def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out)
+    )
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,14 @@ class GESRModel(nn.Module):
         self.items = ItemFeatureEmbedder(token_feats, n_items, big)
         self.history = HistoryTokenEmbedder(self.items, max_len=moa.history_len)
         self.users = UserFeatureEmbedder(user_features, big)
-        self.user_tower = _mlp(3 * big, cfg.hidden, big)
-        self.item_tower = _mlp(big, cfg.hidden, big)
+        self.user_tower = _mlp(3 * big, cfg.hidden, big, cfg.dropout)
+        self.item_tower = _mlp(big, cfg.hidden, big, cfg.dropout)
         self.item_bias = nn.Embedding(n_items, 1)
         nn.init.zeros_(self.item_bias.weight)
+        # one scalar offset of l0: irrelevant to ranking, but the log loss needs the logits near
+        # the log base rate, and AdamW moves a scalar ~lr per step; the stage sets it before
+        # training so the dot product never has to carry a large constant
+        self.global_bias = nn.Parameter(torch.zeros(()))
 
         self.modules_on = moa.modules
         needs_tokens = moa.self_attn or moa.nro or moa.ro
@@ -316,7 +322,7 @@ class GESRModel(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """cand (B, n) int64 -> logits (B, n) (and the primary logit l0 when asked)."""
         c, idx = self._item_side(cand)
-        l0 = torch.einsum("bd,bnd->bn", state.u, c.tower[idx]) + c.bias[idx]  # (B, n)
+        l0 = torch.einsum("bd,bnd->bn", state.u, c.tower[idx]) + c.bias[idx] + self.global_bias
         if self.fusion is None:
             return (l0, l0) if with_primary else l0
         embs: dict[str, Tensor] = {}  # each (B, n, d)
@@ -333,6 +339,15 @@ class GESRModel(nn.Module):
         else:
             logit = self.fusion(l0, embs)
         return (logit, l0) if with_primary else logit
+
+    def score_primary(self, batch: RequestBatch, cand: Tensor) -> Tensor:
+        """l0 alone (B, n): the two towers, without computing any MoA module (pretraining and
+        the two-tower path's own metrics)."""
+        batch = recent_history(batch, self.cfg.moa.history_len)
+        u = self._user(batch, self.history(batch))
+        ids, inv = torch.unique(cand, return_inverse=True)
+        tower, bias = self.primary_items(ids)
+        return torch.einsum("bd,bnd->bn", u, tower[inv]) + bias[inv] + self.global_bias
 
     def forward_train(self, batch: RequestBatch, cand: Tensor) -> tuple[Tensor, Tensor]:
         """Training forward: (logits (B, n), primary logits l0 (B, n)), the serving
@@ -360,7 +375,7 @@ class GESRModel(nn.Module):
             u = self._user(batch, hist)
             emb = self.items(c)  # (B, 1, D)
             i = self.item_tower(emb)
-            l0 = (u[:, None, :] * i).sum(-1) + self.item_bias(c).squeeze(-1)
+            l0 = (u[:, None, :] * i).sum(-1) + self.item_bias(c).squeeze(-1) + self.global_bias
             if self.fusion is None:
                 out.append(l0)
                 continue

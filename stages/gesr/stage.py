@@ -4,15 +4,17 @@ Training [reading]+[ours], shared/GESR.md: pointwise log loss. Each training req
 event with its history) gives its logged item as the positive and `n_negatives` sampled items as
 negatives; negatives that hit the positive are masked out.
 Loss = BCE(l) + aux_weight * BCE(l0): the auxiliary term keeps the primary (two-tower) logit a
-usable ranker on its own. The shared loop (`stages.training.fit_model`) early-stops on a validation
-MRR; `cached_fit` caches the checkpoint by (config, data, split, seed). [ours] By default the
-MRR is taken against negatives drawn from the training mixture (`valid_metric="mixture_mrr"`:
-on-interest and popular items, like an ESR's candidates) rather than uniform items
-(`"sampled_mrr"`, the other stages' metric), on which the two-tower path already saturates so
-training stopped before GESR had learnt to order on-interest candidates. Both are reported.
+usable ranker on its own. The shared loop (`stages.training.fit_model`) early-stops on the
+validation `sampled_mrr` (uniform negatives: a metric whose optimum is the unbiased log p, which
+is what ranking any candidate set needs); `cached_fit` caches the checkpoint by (config, data,
+split, seed).
+[ours] Two phases: first the two towers alone (`pretrain`, l0's loss only: a two-tower step
+costs a fraction of a GESR step, so the towers see as many examples as the two-tower ESR's
+do), then every module jointly (`train`); the MLPG logit layers start at zero, so phase 2 starts
+from exactly the pretrained two-tower ranker and the MoA learns what it misses.
 The training report adds the validation NE (normalised entropy: the log loss divided by the
-entropy of the positive rate, the paper's offline metric) of l and of l0, on the same sampled
-candidate sets, with a fixed seed.
+entropy of the positive rate, the paper's offline metric) of l and of l0 on fixed sampled
+candidate sets, and the validation sampled MRR of l and of l0.
 
 Serving: `score` encodes each request once and scores all its candidates in one batched call
 against the catalogue cache (item-tower outputs, MLPG item gates, candidate tokens,
@@ -31,6 +33,7 @@ interest-matched negatives need categories.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -100,30 +103,6 @@ def normalized_entropy(
     return {"ne": sums["l"] / n_all / h, "ne_primary": sums["l0"] / n_all / h}
 
 
-@torch.no_grad()
-def mixture_mrr(
-    model: GESRModel, traffic: Traffic, sampler: InterestSampler, n_neg: int, *, seed: int,
-    device: torch.device, batch_size: int = 512,
-) -> tuple[float, float]:
-    """(MRR of l, MRR of l0) of each request's target among n_neg negatives drawn from the
-    training mixture (fixed seed; ties count against the target). Unlike uniform negatives,
-    these resemble what an ESR ranks (on-interest and popular items)."""
-    gen = torch.Generator().manual_seed(seed)
-    rr = [0.0, 0.0]
-    count = 0
-    model.eval()
-    for batch in traffic.batches(batch_size):
-        batch = batch.to(device)
-        pos = batch.targets[:, :1]
-        neg = sampler.sample(batch, n_neg, gen)
-        out = model.forward_train(batch, torch.cat([pos, neg], dim=1))
-        for k, s in enumerate(out):
-            beats = (s[:, 1:] >= s[:, :1]) & (neg != pos)
-            rr[k] += float((1.0 / (1 + beats.sum(1)).float()).sum())
-        count += len(batch)
-    return rr[0] / max(count, 1), rr[1] / max(count, 1)
-
-
 @register("esr", "gesr")
 class GESRStage:
     """Generative Early Stage Ranker (see module docstring)."""
@@ -171,25 +150,59 @@ class GESRStage:
         )
         valid = subsample(ctx.valid, cfg.valid_requests)
 
-        def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
+        def negatives(batch: RequestBatch, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
             neg = sampler.sample(batch, cfg.n_negatives, gen)
             log_e = None
             if cfg.logq_correction:
                 cand = torch.cat([batch.targets[:, :1], neg], dim=1)
                 log_e = sampler.log_expected(batch, cand, cfg.n_negatives)
+            return neg, log_e
+
+        def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
+            neg, log_e = negatives(batch, gen)
             return pointwise_loss(model, batch, neg, cfg.aux_weight, log_e)[0]
 
-        def valid_fn() -> float:
-            if cfg.valid_metric == "sampled_mrr":
-                return sampled_mrr(
-                    lambda b, c: model.forward_train(b, c)[0], valid, ctx.device,
-                    n_negatives=cfg.valid_negatives, seed=ctx.seed,
-                )
-            return mixture_mrr(model, valid, sampler, cfg.valid_negatives, seed=ctx.seed, device=ctx.device)[0]
+        def tower_loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
+            neg, log_e = negatives(batch, gen)
+            pos = batch.targets[:, :1]
+            l0 = model.score_primary(batch, torch.cat([pos, neg], dim=1))
+            if log_e is not None:
+                l0 = l0 - log_e
+            labels = torch.zeros_like(l0)
+            labels[:, 0] = 1.0
+            weight = torch.ones_like(l0)
+            weight[:, 1:] = (neg != pos).float()
+            return bce_with_mask(l0, labels, weight)
+
+        scorers = {"": lambda b, c: model.forward_train(b, c)[0], "_primary": model.score_primary}
+
+        def metric(which: str) -> float:
+            return sampled_mrr(scorers[which], valid, ctx.device,
+                               n_negatives=cfg.valid_negatives, seed=ctx.seed)
+
+        def init_offset() -> None:
+            # the loss logits start at the log base rate log(1/k) (+ the mean log-Q correction)
+            gen = torch.Generator().manual_seed(ctx.seed)
+            batch = ctx.train.batch(np.arange(min(len(ctx.train), 512))).to(ctx.device)
+            _, log_e = negatives(batch, gen)
+            offset = -math.log(cfg.n_negatives) + (float(log_e.mean()) if log_e is not None else 0.0)
+            with torch.no_grad():
+                model.global_bias.fill_(offset)
 
         def train() -> dict:
-            report = fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="esr gesr")
-            report["valid_metric"] = cfg.valid_metric
+            init_offset()
+            report: dict = {}
+            has_moa = bool(cfg.moa.modules)
+            if cfg.pretrain_towers or not has_moa:
+                # phase 1: the towers alone, at the two-tower ESR's cost per step
+                pre = fit_model(model, tower_loss_fn, lambda: metric("_primary"),
+                                ctx, cfg.pretrain, desc="esr gesr towers")
+                report["pretrain"] = pre
+            if has_moa:  # phase 2: every module jointly, the towers included
+                report.update(fit_model(model, loss_fn, lambda: metric(""),
+                                        ctx, cfg.train, desc="esr gesr"))
+            else:
+                report.update({k: v for k, v in pre.items()})
             report.update(
                 normalized_entropy(
                     model, valid, sampler, cfg.n_negatives, seed=ctx.seed + 1, device=ctx.device,
@@ -197,13 +210,8 @@ class GESRStage:
                 )
             )
             with torch.no_grad():
-                for name, k in (("", 0), ("_primary", 1)):
-                    report[f"valid_sampled_mrr{name}"] = sampled_mrr(
-                        lambda b, c: model.forward_train(b, c)[k], valid, ctx.device,
-                        n_negatives=cfg.valid_negatives, seed=ctx.seed,
-                    )
-                mix = mixture_mrr(model, valid, sampler, cfg.valid_negatives, seed=ctx.seed, device=ctx.device)
-                report["valid_mixture_mrr"], report["valid_mixture_mrr_primary"] = mix
+                for which in ("", "_primary"):
+                    report[f"valid_sampled_mrr{which}"] = metric(which)
             report["parameters"] = sum(p.numel() for p in model.parameters())
             return report
 

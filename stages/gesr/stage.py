@@ -47,6 +47,10 @@ from cascade.stages.gesr.sampling import InterestSampler
 from cascade.stages.features import subsample
 from cascade.stages.training import cached_fit, fit_model, sampled_mrr
 
+# part of the checkpoint cache key: bump when the network or its training changes, so a cached
+# checkpoint of an older GESR is never loaded into a newer one
+MODEL_VERSION = "v3"
+
 
 def pointwise_loss(
     model: GESRModel,
@@ -215,7 +219,7 @@ class GESRStage:
             report["parameters"] = sum(p.numel() for p in model.parameters())
             return report
 
-        self.report = cached_fit(model, stage="esr-gesr", config=cfg, ctx=ctx, train=train)
+        self.report = cached_fit(model, stage=f"esr-gesr-{MODEL_VERSION}", config=cfg, ctx=ctx, train=train)
         model.to(ctx.device).eval()
         model.cache_items()
         self.model = model

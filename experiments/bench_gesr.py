@@ -9,8 +9,9 @@
 2. ESR scoring cost at funnel shapes (default: 256 requests x 450 candidates, history 50, the
    ml-100k / synthetic-small budgets): the two-tower ESR's model against GESR with each module
    alone and all together, per batch and per (request, candidate) pair, so the cost each MoA
-   module adds to the funnel is visible. Weights are random (timing does not depend on them);
-   histories are full length (the worst case).
+   module adds to the funnel is visible. GESR rows run `GESRStage.score` (the serving call,
+   chunked over requests). Weights are random (timing does not depend on them); histories are
+   full length (the worst case).
 
     python experiments/bench_gesr.py            # the target shapes
     python experiments/bench_gesr.py --quick    # small shapes, seconds
@@ -37,7 +38,7 @@ from rich.table import Table
 from cascade.data.synthetic import generate, preset
 from cascade.data.traffic import RequestBatch
 from cascade.env import capture
-from cascade.stages.gesr import GESRConfig, GESRModel, MoAConfig
+from cascade.stages.gesr import GESRConfig, GESRModel, GESRStage, MoAConfig
 from cascade.stages.training import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_gesr.json"
@@ -127,9 +128,10 @@ def funnel_costs(ds, args, device) -> list[dict]:
         if moa is None:
             fn = twotower_model(ds, device)
             score = lambda fn=fn: fn(batch, cand)  # noqa: E731
-        else:
-            model = build(ds, moa, device, n_hist)
-            score = lambda model=model: model.score(batch, cand)  # noqa: E731
+        else:  # the stage's serving call: chunked over requests, catalogue cache built
+            stage = GESRStage(GESRConfig(moa=moa))
+            stage.model = build(ds, moa, device, n_hist)
+            score = lambda stage=stage: stage.score(batch, cand)  # noqa: E731
         sec = timeit(score, args.repeats)
         out.append({"variant": label, "batch_ms": sec * 1e3, "us_per_pair": sec * 1e6 / (b * n_cand),
                     "requests": b, "candidates_per_request": n_cand, "history": n_hist})

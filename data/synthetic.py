@@ -142,7 +142,7 @@ PRESETS: dict[str, dict] = {
     "medium": dict(n_users=20_000, n_items=100_000, n_events=1_000_000, n_categories=100),
     # the scale target (1M items, 10M events): smaller proposal pools keep it under a minute
     "large": dict(n_users=100_000, n_items=1_000_000, n_events=10_000_000, n_categories=200,
-                  interest_pool=16, history_pool=4),
+                  interest_pool=8, history_pool=4),
 }
 
 
@@ -491,23 +491,36 @@ def _simulate(cfg: SyntheticConfig, world: _World, lengths: np.ndarray, rng: np.
         # --- interest draws: a category ∝ exp(its cross term), then an item through its urn.
         # The weight's cross term and the category's proposal probability cancel but for the
         # user's log-sum-exp over interests, so the draws follow the target closely.
-        f_int = fg[:B].gather(1, interests[:B])  # (B, I)
-        cum_int = torch.softmax(f_int, 1).cumsum_(1)[:, None, : I - 1]  # (B, 1, I - 1)
-        ci = (torch.rand(B, Q, 1, generator=gen) > cum_int).sum(-1)  # (B, Q) interest index
+        # (I, B) layout: every op runs along the users, not along a tiny interest axis
+        f_int = fg[:B].gather(1, interests[:B]).T.contiguous()  # (I, B)
+        mx = f_int.amax(0)
+        e_int = (f_int - mx).exp_()
+        cum_int = e_int.cumsum_(0)  # (I, B)
+        tot = cum_int[-1]
+        lse_int = mx + tot.log()
+        r = torch.rand(B, Q, generator=gen)
+        ci = torch.zeros(B, Q, dtype=torch.int64)
+        for k in range(I - 1):  # (B, Q) interest index: how many cumulative shares r exceeds
+            ci += r > (cum_int[k] / tot)[:, None]
         cq = interests[:B].gather(1, ci)  # (B, Q)
         g = rows(urn_pack, cq * T + torch.randint(0, T, (B, Q), generator=gen))  # (B, Q, d + 2)
         x_ext = torch.cat([xu, torch.ones(B, 1), torch.zeros(B, 1)], 1)  # (B, d + 2)
         lw_q = torch.bmm(g, x_ext.unsqueeze(-1)).squeeze(-1)
-        lw_q += (torch.logsumexp(f_int, 1) + c_q)[:, None]
+        lw_q += (lse_int + c_q)[:, None]
         iq = g[:, :, d + 1].long()
         parts = [lw_p, lw_q]
         if m:
-            lw_q.masked_fill_((iq[:, :, None] == recent[:, None, :]).any(-1), -math.inf)
+            in_recent = iq == recent[:, :1]
+            for j in range(1, m):  # a loop over the (<= repeat_window) columns beats a 3-d any
+                in_recent |= iq == recent[:, j : j + 1]
+            lw_q.masked_fill_(in_recent, -math.inf)
             # --- recent-history draws: (B, H)
             ih = recent.gather(1, torch.randint(0, m, (B, H), generator=gen))
-            cnt = (ih[:, :, None] == recent[:, None, :]).sum(-1)
+            cnt = torch.zeros(B, H)
+            for j in range(m):
+                cnt += ih == recent[:, j : j + 1]
             lw_h = torch.bmm(rows(item_lat, ih), xu.unsqueeze(-1)).squeeze(-1)
-            lw_h += rows(bias, ih) + fg[:B].gather(1, rows(item_cat, ih)) - torch.log(cnt.float())
+            lw_h += rows(bias, ih) + fg[:B].gather(1, rows(item_cat, ih)) - cnt.log_()
             lw_h += rs + math.log(m / H) + math.log(P) - math.log(n_i)
             parts.append(lw_h)
         lw = torch.cat(parts, 1)  # (B, P + Q [+ H]) log importance weights
@@ -524,7 +537,7 @@ def _simulate(cfg: SyntheticConfig, world: _World, lengths: np.ndarray, rng: np.
                                item)
 
         cat_new = rows(item_cat, item)
-        like = (xu * rows(item_lat, item)).sum(1) + fg[:B].gather(1, cat_new[:, None])[:, 0]
+        like = torch.bmm(rows(item_lat, item).unsqueeze(1), xu.unsqueeze(-1))[:, 0, 0] + fg[:B].gather(1, cat_new[:, None])[:, 0]
         like += rs * repeat.float()
         z = (like - xu @ y_bar) / like_scale
         noise = torch.randn(B, generator=gen) * cfg.rating_noise
@@ -560,12 +573,11 @@ def generate(config: SyntheticConfig | None = None, *, progress: bool = False) -
     rng = np.random.default_rng(cfg.seed)
     world = _make_world(cfg, rng)
     lengths = _sample_lengths(cfg, rng)
-    # a step's tensors are (active users x pool); when that is small, extra threads only add
-    # synchronisation (and are ruinous on a busy machine), so small logs run single-threaded
+    # the simulation runs single-threaded: its ops are small, memory-bound gathers, where extra
+    # threads mostly add synchronisation, and on a busy 2-core machine (measured: `large` with
+    # 20k users / 2M events, another process on one core) 2 threads took 2.1x as long as 1
     threads = torch.get_num_threads()
-    pool = cfg.popularity_pool + cfg.interest_pool + cfg.history_pool
-    if cfg.n_users * pool < 2**20:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     sim_threads = torch.get_num_threads()
     try:
         order, iorder, n_active, s_item, s_rating, s_ts = _simulate(cfg, world, lengths, rng,

@@ -594,13 +594,19 @@ def generate(config: SyntheticConfig | None = None, *, progress: bool = False) -
     rating = np.empty(n, np.float32)
     pos = np.empty(n, np.int64)
     base = offsets[order]  # (n_users,) first row of each internal user
-    for t, B in enumerate(n_active.tolist()):
-        dest = base[:B] + t
-        item[dest] = iorder[s_item[t].numpy()]
-        ts[dest] = s_ts[t].numpy()
-        rating[dest] = s_rating[t].numpy()
-        pos[dest] = t
-    del s_item, s_ts, s_rating
+    na = np.asarray(n_active, dtype=np.int64)
+    t_of = np.repeat(np.arange(len(na), dtype=np.int64), na)  # step of each step-major event
+    k_of = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(na) - na, na)  # its internal user
+    dest = base[k_of] + t_of
+    del k_of
+    item[dest] = iorder[torch.cat(s_item).numpy()]
+    del s_item
+    ts[dest] = torch.cat(s_ts).numpy()
+    del s_ts
+    rating[dest] = torch.cat(s_rating).numpy()
+    del s_rating
+    pos[dest] = t_of
+    del dest, t_of
     user = np.repeat(np.arange(cfg.n_users, dtype=np.int64), lengths)
     action = np.where(rating >= 4, 1, np.where(rating <= 2, -1, 0)).astype(np.int8)
     events = pl.DataFrame(

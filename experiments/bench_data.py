@@ -111,7 +111,8 @@ def child_generate(preset_name: str) -> None:
 
 
 def bench_synthetic(preset_name: str) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = ru0.ru_maxrss
     t = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--_child-generate", preset_name],
@@ -120,11 +121,15 @@ def bench_synthetic(preset_name: str) -> dict:
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"generating synthetic {preset_name!r} failed:\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = ru1.ru_maxrss
+    # CPU seconds of the child (imports included): the contention-free cost on a busy machine
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     rec.update(
         preset=preset_name,
         process_wall_s=wall,
+        process_cpu_s=cpu,
         peak_rss_gib=_rss_gib(max(peak, before)),
         peak_rss_method="resource.getrusage(RUSAGE_CHILDREN).ru_maxrss of the generating child",
         target_s=60.0,

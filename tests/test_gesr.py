@@ -328,7 +328,7 @@ def test_stage_is_registered_and_loads_cached_checkpoint(trained, synth_ctx):
 ABLATION_TOML = """
 data = "synthetic:tiny"
 max_len = 20
-oracles = false
+oracles = true
 bootstrap = 50
 reference = false
 oracle = false
@@ -366,7 +366,8 @@ def test_ablation_command_end_to_end(tmp_path: Path):
     assert res.exit_code == 0, res.output
     record = json.loads((out / "ablation.json").read_text())
     labels = [r["variant"] for r in record["rows"]]
-    assert labels == ["two-tower", "gesr towers", "+HMA", "+self-attn", "+cross-attn", "+MLPG (full GESR)"]
+    assert labels == ["two-tower", "gesr towers", "+HMA", "+self-attn", "+cross-attn",
+                      "+MLPG (full GESR)", "oracle-dot", "oracle"]
     metrics = json.loads((out / "metrics.json").read_text())
     for r in record["rows"]:
         esr = next(s for s in metrics["variants"][r["variant"]]["stages"] if s["name"] == "esr")
@@ -374,9 +375,15 @@ def test_ablation_command_end_to_end(tmp_path: Path):
         assert r["throughput_rps"] > 0
         if r["variant"] != "two-tower":
             assert set(r["delta_vs_two_tower"]) == {"recall@esr", "hr@10", "ndcg@10"}
-    assert record["rows"][-1]["esr_config"]["moa"]["mlpg"] is True
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert rows["+MLPG (full GESR)"]["esr_config"]["moa"]["mlpg"] is True
+    share = {k: rows[k]["share_of_oracle_gain"]["recall@esr"] for k in ("oracle", "oracle-dot")}
+    if rows["oracle"]["esr_recall"] > rows["oracle-dot"]["esr_recall"]:
+        assert share["oracle-dot"] == 0.0 and share["oracle"] == pytest.approx(1.0)
+    else:
+        assert share == {"oracle": None, "oracle-dot": None}
     md = (out / "ablation.md").read_text()
-    assert md.count("\n| ") == 7 and "+MLPG (full GESR)" in md  # header + 6 rows
+    assert md.count("\n| ") == 9 and "+MLPG (full GESR)" in md  # header + 8 rows
 
 
 def test_ablation_command_rejects_esr_keys(tmp_path: Path):

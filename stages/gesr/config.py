@@ -7,10 +7,11 @@ whether their embeddings are fused by MLPG, how the history is truncated in time
 training objective and the `TrainConfig` of the shared loop.
 
 Every switch off gives back the plain two-tower ESR (the primary logit alone), so the ablation
-table (two-tower, +HMA, +self attention, +cross attention, +MLPG, full) is a set of configs.
+table (two-tower, +HMA, +self attention, +cross attention, +MLPG = full GESR) is a set of
+configs (`cascade ablation`).
 
-Both dataclasses accept plain dicts for their nested members (`GESRConfig(moa={...},
-train={...})`), so TOML tables and `--esr-config` JSON map onto them directly.
+`GESRConfig` accepts plain dicts for its nested members (`GESRConfig(moa={...}, train={...})`,
+each overriding GESR's own defaults), so TOML tables map onto it directly.
 """
 
 from __future__ import annotations

@@ -5,12 +5,15 @@ For every stage it reports the training seconds and validation metric from its f
 on the test requests:
 - full-catalogue HR@10 / NDCG@10 / MRR (every item scored, the request's history excluded),
 - sampled MRR (the target among 100 uniform random items, `stages.training.sampled_mrr`),
-- hard MRR (the target among the 50 most popular other items: the kind of candidates a funnel
-  passes on to its rankers).
+- hard MRR (the target among the 50 most popular other items),
+- rerank HR@10 / NDCG@10: the stage re-ranks the retrieval stage's top-100 unseen items for the
+  request (a miss when the target is not among them): the job a ranker does in the funnel.
+  Only when the retrieval stage is benchmarked too (it runs first).
 
     python experiments/bench_stages.py                      # ml-100k, default configs
     python experiments/bench_stages.py --quick              # tiny synthetic data, short training
     python experiments/bench_stages.py --data synthetic:small --out bench_stages.json
+    python experiments/bench_stages.py --stages lsr --set lsr.train.epochs=8 --set lsr.dim=96
 
 Prints a table and writes JSON with the machine, versions, dataset and configs.
 """
@@ -40,10 +43,33 @@ from cascade.stages.twotower import TwoTowerESR
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
 
 
-def quick(stage):
-    """A short-training version of a stage's default config (for --quick)."""
-    cfg = stage.config_class()
-    return stage.__class__(replace(cfg, train=replace(cfg.train, epochs=2, max_steps_per_epoch=10)))
+def configure(cls, overrides: dict[str, object], *, quick: bool):
+    """The stage with its default config, `--set` overrides applied (and short training for
+    --quick). Override keys are config fields, "train.<field>" for the training loop."""
+    cfg = cls.config_class()
+    if quick and hasattr(cfg, "train"):
+        cfg = replace(cfg, train=replace(cfg.train, epochs=2, max_steps_per_epoch=10))
+    top = {k: v for k, v in overrides.items() if not k.startswith("train.")}
+    train = {k[len("train.") :]: v for k, v in overrides.items() if k.startswith("train.")}
+    if train:
+        top["train"] = replace(cfg.train, **train)
+    return cls(replace(cfg, **top))
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
+    """["lsr.train.epochs=8", "lsr.rank_logq=false"] -> {"lsr": {"train.epochs": 8, ...}}"""
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        stage, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {item!r}: expected STAGE.FIELD=VALUE, e.g. lsr.train.epochs=8")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(stage, {})[field] = value
+    return out
 
 
 @torch.no_grad()
@@ -55,11 +81,23 @@ def all_scores(stage, batch: RequestBatch, n_items: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(stage, test: Traffic, n_items: int, popularity: np.ndarray, batch_size: int) -> dict:
-    hr = ndcg = rr = hard = 0.0
+def evaluate(
+    stage, test: Traffic, n_items: int, popularity: np.ndarray, batch_size: int,
+    retrieved: list[torch.Tensor] | None,
+) -> dict:
+    hr = ndcg = rr = hard = rhr = rndcg = 0.0
     top = torch.as_tensor(np.argsort(-popularity, kind="stable")[:51])
-    for batch in test.batches(batch_size):
+    for i, batch in enumerate(test.batches(batch_size)):
         target = batch.targets[:, :1]
+        if retrieved is not None:
+            cand = retrieved[i]
+            rs = stage.score(batch, cand)
+            found = (cand == target).any(1)
+            rs_t = torch.where(cand == target, rs, torch.full_like(rs, -torch.inf)).max(1, keepdim=True).values
+            rrank = (rs > rs_t).sum(1)
+            rhit = found & (rrank < 10)
+            rhr += float(rhit.sum())
+            rndcg += float((rhit.float() / torch.log2(rrank.float() + 2)).sum())
         s = all_scores(stage, batch, n_items).masked_fill(seen_matrix(batch, n_items), -torch.inf)
         rank = (s > s.gather(1, target)).sum(1)  # 0-based; the target is never in its history
         hr += float((rank < 10).sum())
@@ -71,7 +109,9 @@ def evaluate(stage, test: Traffic, n_items: int, popularity: np.ndarray, batch_s
         hs = stage.score(batch, cand)
         hard += float((1.0 / (1 + (hs[:, 1:] >= hs[:, :1]).sum(1)).float()).sum())
     n = len(test)
+    rerank = {} if retrieved is None else {"rerank_hr@10": rhr / n, "rerank_ndcg@10": rndcg / n}
     return {
+        **rerank,
         "hr@10": hr / n,
         "ndcg@10": ndcg / n,
         "mrr": rr / n,
@@ -87,6 +127,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=50)
     ap.add_argument("--stages", default="popular,retrieval,twotower,lsr")
     ap.add_argument("--cache-dir", type=Path, default=None, help="reuse trained checkpoints here")
+    ap.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                    help="config override, e.g. lsr.train.epochs=8 (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("bench_stages.json"))
     args = ap.parse_args()
 
@@ -106,22 +148,31 @@ def main() -> None:
     test = Traffic(ds, split.test, max_len=args.max_len)
     load_s = time.perf_counter() - t0
     popularity = ds.item_popularity(split.train)
+    from cascade.stages.oracle import OracleDotRanker, OracleRanker
+
     makers = {
+        "oracle": OracleRanker,  # synthetic data only: the ground truth's own affinity
+        "oracle-dot": OracleDotRanker,
         "popular": PopularRanker,
         "retrieval": TwoTowerRetriever,
         "twotower": TwoTowerESR,
         "lsr": LateStageRanker,
     }
     rows = []
-    for name in args.stages.split(","):
-        stage = makers[name]()
-        if args.quick and name != "popular":
-            stage = quick(stage)
+    sets = parse_sets(args.set)
+    names = args.stages.split(",")
+    if "retrieval" in names:  # first: the others re-rank its candidates
+        names = ["retrieval", *[n for n in names if n != "retrieval"]]
+    retrieved = None
+    for name in names:
+        stage = configure(makers[name], sets.get(name, {}), quick=args.quick)
         t = time.perf_counter()
         stage.fit(ctx)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
-        metrics = evaluate(stage, test, ds.n_items, popularity, batch_size=128)
+        if name == "retrieval":
+            retrieved = [stage.retrieve(b, 100).ids for b in test.batches(128)]
+        metrics = evaluate(stage, test, ds.n_items, popularity, 128, retrieved)
         rep = stage.report
         rows.append(
             {
@@ -140,7 +191,8 @@ def main() -> None:
         print(
             f"{name:10s} fit {fit_s:7.1f}s  valid {r['best_valid'] if r['best_valid'] is not None else float('nan'):.4f}  "
             f"HR@10 {r['hr@10']:.4f}  NDCG@10 {r['ndcg@10']:.4f}  MRR {r['mrr']:.4f}  "
-            f"sampled {r['sampled_mrr']:.4f}  hard {r['hard_mrr']:.4f}",
+            f"sampled {r['sampled_mrr']:.4f}  hard {r['hard_mrr']:.4f}  "
+            f"rerank NDCG@10 {r.get('rerank_ndcg@10', float('nan')):.4f}",
             flush=True,
         )
     result = {

@@ -12,7 +12,8 @@
 
 Training-data helpers used by several stages: `recent_history` (cut histories), `subsample`
 (cheap validation), `sequence_windows` (SASRec-style all-positions training), `NegativeSampler`
-(uniform + popularity negatives with the sampled-softmax logQ correction).
+(uniform + popularity negatives with the sampled-softmax logQ correction) and
+`shared_negative_softmax` (in-batch + uniform negatives with the logQ correction).
 
 Code 0 is "unknown" for categorical features and "padding" for multi-valued ones (see
 `cascade.data.dataset`), so every table uses `padding_idx=0`: unknown values contribute nothing.
@@ -20,10 +21,12 @@ Code 0 is "unknown" for categorical features and "padding" for multi-valued ones
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade.data.dataset import FeatureTable
@@ -336,3 +339,81 @@ class NegativeSampler:
         """log(expected draws of each id among n_neg negatives), same shape as ids."""
         n_pop, n_uni = self.split(n_neg)
         return torch.log(n_pop * self._probs_dev[ids] + n_uni / self.n_items)
+
+
+def shared_negative_softmax(
+    query: Tensor,
+    pos: Tensor,
+    key: Callable[[Tensor], Tensor],
+    freq: Tensor,
+    gen: torch.Generator,
+    *,
+    n_in_batch: int,
+    n_uniform: int,
+    inv_temp: float,
+) -> Tensor:
+    """Sampled softmax of each query's positive against one set of negatives shared by all rows:
+    `n_in_batch` drawn from the rows' own positives (in-batch negatives, i.e. by training
+    frequency) plus `n_uniform` uniform items. Each logit is corrected by log Q(j) = log of the
+    expected number of draws of j, S*f_j + M/n_items (Yi et al., RecSys 2019, made exact for the
+    mixture). query (P, D) and key(ids) -> (*, D) are compared by inner product * inv_temp;
+    freq (n_items,) is the empirical target frequency. A negative equal to a row's positive is
+    masked. Returns the mean cross-entropy."""
+    n_items = freq.shape[0]
+    dev = query.device
+    s_in = min(n_in_batch, pos.shape[0])
+    inb = pos[torch.randint(0, pos.shape[0], (s_in,), generator=gen).to(dev)]
+    uni = torch.randint(0, n_items, (n_uniform,), generator=gen).to(dev)
+    cols = torch.cat([inb, uni])  # (S + M,)
+
+    def log_q(ids: Tensor) -> Tensor:
+        return torch.log(s_in * freq[ids] + n_uniform / n_items)
+
+    pos_logit = inv_temp * (query * key(pos)).sum(-1) - log_q(pos)  # (P,)
+    neg_logit = inv_temp * query @ key(cols).T - log_q(cols)[None, :]  # (P, S + M)
+    neg_logit = neg_logit.masked_fill(pos[:, None] == cols[None, :], -math.inf)
+    logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(pos))
+
+
+class MatchCounter(nn.Module):
+    """Explicit user-item cross counts for each (request, candidate), as log1p features:
+    [history events sharing a category with the candidate, the same among the `recent` newest
+    events, history events of the candidate itself, the same among the newest]. Negatively rated
+    events are not counted. Categories come from the dataset's `category_feature` (multi-valued
+    codes; an item with several categories counts each shared one); without it the category
+    counts are 0. Cost O(B (N + n) L + B n N): no embeddings, just integer matching."""
+
+    n_features = 4
+
+    def __init__(self, features: FeatureTable, category_feature: str | None, *, recent: int = 5) -> None:
+        super().__init__()
+        if recent < 1:
+            raise ValueError(f"recent must be >= 1, got {recent}")
+        self.recent = recent
+        if category_feature is None:
+            codes, self.n_categories = np.zeros((features.n, 1), np.int64), 1
+        else:
+            codes = np.ascontiguousarray(features.multi[category_feature], dtype=np.int64)
+            self.n_categories = int(features.cardinality[category_feature])
+        self.register_buffer("categories", torch.from_numpy(codes), persistent=False)  # (n_items, L)
+
+    def forward(self, hist_items: Tensor, hist_actions: Tensor, hist_len: Tensor, cand: Tensor) -> Tensor:
+        """hist (B, N), hist_len (B,), cand (B, n) -> (B, n, 4) float32."""
+        b, n_hist = hist_items.shape
+        ar = torch.arange(n_hist, device=hist_items.device)[None, :]
+        liked = (ar < hist_len[:, None]) & (hist_actions != 1)  # action code 1 = negative
+        recent = liked & (ar >= hist_len[:, None] - self.recent)
+        hc = self.categories[hist_items]  # (B, N, L)
+        cc = self.categories[cand]  # (B, n, L)
+        out = []
+        for mask in (liked, recent):
+            counts = torch.zeros((b, self.n_categories), device=hc.device)
+            w = mask[..., None].expand_as(hc).float()
+            counts.scatter_add_(1, hc.flatten(1), w.flatten(1))
+            counts[:, 0] = 0.0  # code 0 is padding
+            out.append(counts.gather(1, cc.flatten(1)).view(cc.shape).sum(-1))  # (B, n)
+        same = cand[:, :, None] == hist_items[:, None, :]  # (B, n, N)
+        out.append((same & liked[:, None, :]).sum(-1).float())
+        out.append((same & recent[:, None, :]).sum(-1).float())
+        return torch.log1p(torch.stack(out, -1))

@@ -1,5 +1,5 @@
-"""Late-stage ranker (LSR): target-aware attention over [history ; candidates] plus DCN-v2
-feature crossing. The heaviest, strongest model of the funnel.
+"""Late-stage ranker (LSR): target-aware attention over [history ; candidates], a generative
+next-item head and DCN-v2 feature crossing. The heaviest model of the funnel.
 
 - Sequence part (HSTU, Zhai et al., arXiv 2402.17152, with GESR's target mask, Hong et al.,
   arXiv 2511.21095): `cascade.stages.hstu.TargetAwareEncoder` over [history tokens ; candidate
@@ -7,22 +7,30 @@ feature crossing. The heaviest, strongest model of the funnel.
   valid history and itself. So a request's history is encoded once (`encode_history`, K/V
   cached per layer) and any number of candidates is scored against it (`score_candidates`):
   removing or permuting the other candidates never changes a candidate's score.
-- Crossing part (DCN-v2, Wang et al., WWW 2021): x0 = [user features ; candidate item features ;
-  the encoder's candidate output ; the encoder's output at the newest history event], then
-  full-rank cross layers x_{l+1} = x0 * (W_l x_l + b_l) + x_l beside a deep MLP, and a linear head
-  over both; plus the scaled dot product of the candidate output with the candidate's item
-  embedding (the SASRec/HSTU score) as a direct path.
 - Tokens: history = item (id + features) + action code + absolute position; candidate = item +
-  a learned "candidate" marker + the position right after the history (hist_len), so attention
-  can tell how recent each history event is relative to the candidate. Time gaps are deliberately left out [ours]: they are relative to
-  the request time, which differs for every prefix of a training window (below), so using them
-  would make training and serving disagree.
+  a learned marker + the position right after the history (hist_len), so attention can tell how
+  recent each history event is relative to the candidate. Time gaps are left out [ours]: they
+  are relative to the request time, which differs for every prefix of a training window (below),
+  so using them would make training and serving disagree.
+- Crossing part (DCN-v2, Wang et al., WWW 2021): x0 = [user (features + id embedding) ;
+  candidate item ; the encoder's candidate output ; the encoder's output at the newest event ;
+  explicit match counts (`features.MatchCounter`: history events sharing the candidate's
+  category, overall and among the newest, and repeats of the candidate)], projected to `hidden`,
+  then full-rank cross layers x_{l+1} = x0 * (W_l x_l + b_l) + x_l beside a deep MLP and a linear
+  head over both.
+- Score = that head + <candidate output, item> / sqrt(D) + the generative score
+  <q(newest output + user), k(item)> / temperature (HSTU's next-item retrieval head).
 - Training (the efficiency trick the target mask allows): history tokens are causal, so the
-  history state of a window of N events contains the exact state of each of its prefixes; we
-  encode each training window (`cascade.stages.features.sequence_windows`) once and score
-  `prefixes_per_window` random prefixes of it, each against its next item and `n_negatives`
-  sampled items (uniform plus popularity-sampled hard negatives) under a sampled softmax with the
-  logQ correction. Early stopping on `sampled_mrr`.
+  encoded window of N events contains the exact encoding of each of its prefixes. Each training
+  window (`features.sequence_windows`) is encoded once and
+  (1) `prefixes_per_window` random prefixes are scored against their next item and
+  `n_negatives` sampled items (uniform plus popularity-sampled hard negatives), sampled softmax
+  with the logQ correction (`rank_logq`);
+  (2) the generative head predicts the next item after every history position at once against
+  shared in-batch + uniform negatives (logQ-corrected, `next_item_weight`): dense, cheap signal
+  that trains the encoder and item embeddings on every event.
+  Early stopping on `sampled_mrr`. The user-id embedding is zero-initialised, so a user never
+  seen in training (temporal split) falls back to features and history.
 - Serving: `score(batch, candidates)` (the funnel) and `score_all(batch, chunk=...)` (every item,
   in chunks, for the full-catalogue reference metric) both encode the history once per request.
 """
@@ -38,15 +46,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade.data.traffic import RequestBatch
+from cascade.stages.hstu import HistoryState, TargetAwareEncoder
 from cascade.stages.base import FitContext, StageError, register
 from cascade.stages.features import (
     PAD_SCORE,
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
+    MatchCounter,
     NegativeSampler,
     UserFeatureEmbedder,
     recent_history,
     sequence_windows,
+    shared_negative_softmax,
     subsample,
 )
 from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
@@ -65,7 +76,11 @@ class LSRConfig:
     max_len: int | None = None  # use at most this many recent history events (None: all given)
     n_negatives: int = 16
     pop_negatives: float = 0.5  # share of negatives drawn by popularity ** 0.75 (hard ones)
-    rank_logq: bool = True  # logQ-correct the ranking loss (False: plain hard-negative softmax)
+    # strength of the logQ correction in the ranking loss: 1 = unbiased sampled softmax (full-
+    # catalogue ranking), 0 = plain hard-negative softmax (discrimination among popular items)
+    rank_logq: float = 1.0
+    user_id: bool = True  # learn a user-id embedding (long-term preference)
+    match_recent: int = 5  # the "recent" window of the explicit match counts
     prefixes_per_window: int = 4  # training examples taken from each encoded window
     next_item_weight: float = 1.0  # weight of the generative next-item loss (0 = off)
     in_batch_negatives: int = 512  # next-item loss: negatives drawn from the batch's positives
@@ -75,14 +90,14 @@ class LSRConfig:
     score_chunk: int = 512  # candidates scored per request at a time in score / score_all
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=10, batch_size=64, lr=4e-3, patience=2, max_steps_per_epoch=45
+            epochs=8, batch_size=64, lr=4e-3, patience=2, max_steps_per_epoch=40
         )
     )
 
     def __post_init__(self) -> None:
         for name in (
             "dim", "n_layers", "n_heads", "n_cross", "hidden", "n_negatives",
-            "prefixes_per_window", "valid_requests", "score_chunk",
+            "prefixes_per_window", "valid_requests", "score_chunk", "match_recent",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"LSRConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -105,6 +120,8 @@ class LSRConfig:
                 "LSRConfig.next_item_weight, in_batch_negatives and n_uniform_negatives must be "
                 ">= 0"
             )
+        if not 0.0 <= self.rank_logq <= 1.0:
+            raise ValueError(f"LSRConfig.rank_logq must be in [0, 1], got {self.rank_logq}")
         if not self.temperature > 0:
             raise ValueError(f"LSRConfig.temperature must be > 0, got {self.temperature}")
         if not isinstance(self.train, TrainConfig):
@@ -131,8 +148,6 @@ class CrossNetwork(nn.Module):
 class LSRModel(nn.Module):
     def __init__(self, ctx: FitContext, cfg: LSRConfig) -> None:
         super().__init__()
-        from cascade.stages.hstu import TargetAwareEncoder
-
         ds = ctx.dataset
         d = cfg.dim
         self.width = ctx.train.max_len if cfg.max_len is None else min(cfg.max_len, ctx.train.max_len)
@@ -143,12 +158,19 @@ class LSRModel(nn.Module):
         self.position = nn.Embedding(self.width + 1, d)
         self.cand_marker = nn.Parameter(torch.zeros(d))
         self.user_feats = UserFeatureEmbedder(ds.users, d)
+        # a user-id embedding carries what the user did before the history window; zero-
+        # initialised, so a user never seen in training contributes nothing
+        self.user_ids = nn.Embedding(ds.n_users, d) if cfg.user_id else None
+        if self.user_ids is not None:
+            nn.init.zeros_(self.user_ids.weight)
+        self.matches = MatchCounter(ds.items, ds.category_feature, recent=cfg.match_recent)
+        self.match_proj = nn.Linear(MatchCounter.n_features, d)
         self.encoder = TargetAwareEncoder(
             d, cfg.n_layers, cfg.n_heads, kind=cfg.attention, dropout=cfg.dropout, impl=cfg.impl
         )
         # x0 = [user; item; candidate output; newest history output] (4D) projected to `hidden`:
         # the crossing then costs O(hidden^2) per candidate instead of O(16 D^2)
-        self.x0 = nn.Sequential(nn.LayerNorm(4 * d), nn.Linear(4 * d, cfg.hidden))
+        self.x0 = nn.Sequential(nn.LayerNorm(5 * d), nn.Linear(5 * d, cfg.hidden))
         self.cross = CrossNetwork(cfg.hidden, cfg.n_cross)
         self.deep = nn.Sequential(
             nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
@@ -173,10 +195,15 @@ class LSRModel(nn.Module):
         """(B, n, D) item embeddings -> candidate tokens: + marker + the position hist_len."""
         return item + self.cand_marker + self.position(hist_len)[:, None, :]
 
-    def encode(self, batch: RequestBatch):
-        """History through the encoder once -> (HistoryState, user features (B, D))."""
+    def encode(self, batch: RequestBatch) -> "Encoded":
+        """History through the encoder once; what scoring any candidates needs."""
         state = self.encoder.encode_history(self.history_tokens(batch), batch.hist_len)
-        return state, self.user_feats(batch.user_feats)
+        return Encoded(state, self.user(batch), batch.hist_items, batch.hist_actions)
+
+    def user(self, batch: RequestBatch) -> Tensor:
+        """(B, D): user features (+ user id)."""
+        u = self.user_feats(batch.user_feats)
+        return u if self.user_ids is None else u + self.user_ids(batch.user)
 
     def next_query(self, hist_out: Tensor) -> Tensor:
         """(..., D) history outputs -> unit-norm next-item queries."""
@@ -186,31 +213,42 @@ class LSRModel(nn.Module):
         """(..., D) item embeddings -> unit-norm next-item keys."""
         return F.normalize(item + self.next_item(item), dim=-1)
 
-    def score_with(self, state, user: Tensor, candidates: Tensor) -> Tensor:
+    def score_with(self, enc: "Encoded", candidates: Tensor) -> Tensor:
         """Candidates (B, n) against an encoded history -> (B, n) logits."""
         item = self.items(candidates)  # (B, n, D)
-        out = self.encoder.score_candidates(state, self.candidate_tokens(item, state.hist_len))
-        return self.head_logits(user, item, out, state.output, state.hist_len)
+        hist_len = enc.state.hist_len
+        out = self.encoder.score_candidates(enc.state, self.candidate_tokens(item, hist_len))
+        return self.head_logits(enc.user, enc.hist_items, enc.hist_actions, hist_len, candidates,
+                                item, out, enc.state.output)
 
     def head_logits(
-        self, user: Tensor, item: Tensor, out: Tensor, hist_out: Tensor, hist_len: Tensor
+        self, user: Tensor, hist_items: Tensor, hist_actions: Tensor, hist_len: Tensor,
+        candidates: Tensor, item: Tensor, out: Tensor, hist_out: Tensor,
     ) -> Tensor:
-        """DCN-v2 crossing + deep MLP + the direct dot product -> (B, n) logits."""
+        """DCN-v2 crossing + deep MLP + the direct dot products -> (B, n) logits."""
         b = torch.arange(hist_out.shape[0], device=hist_out.device)
         newest = hist_out[b, (hist_len - 1).clamp_min(0)]  # (B, D)
         newest = newest * (hist_len > 0)[:, None].to(newest.dtype)  # 0 without history
         n = item.shape[1]
+        counts = self.matches(hist_items, hist_actions, hist_len, candidates)  # (B, n, 4)
         x0 = torch.cat(
-            [user[:, None].expand(-1, n, -1), item, out, newest[:, None].expand(-1, n, -1)], -1
+            [
+                user[:, None].expand(-1, n, -1),
+                item,
+                out,
+                newest[:, None].expand(-1, n, -1),
+                self.match_proj(counts),
+            ],
+            -1,
         )
         x0 = self.x0(x0)  # (B, n, hidden)
         logit = self.head(torch.cat([self.cross(x0), self.deep(x0)], -1)).squeeze(-1)
-        generative = self.inv_temp * (self.next_query(newest)[:, None] * self.next_key(item)).sum(-1)
+        query = self.next_query(newest + user)  # (B, D)
+        generative = self.inv_temp * (query[:, None] * self.next_key(item)).sum(-1)
         return logit + self.dot_scale * (out * item).sum(-1) + generative
 
     def forward(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
-        state, user = self.encode(batch)
-        return self.score_with(state, user, candidates)
+        return self.score_with(self.encode(batch), candidates)
 
     def forward_naive(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """The same score with one full [history ; candidate] sequence per candidate through
@@ -219,14 +257,27 @@ class LSRModel(nn.Module):
         item = self.items(candidates)
         out = self.encoder.forward_naive(hist, batch.hist_len, self.candidate_tokens(item, batch.hist_len))
         hist_out, _ = self.encoder(hist, batch.hist_len, item[:, :0])  # history, no candidates
-        user = self.user_feats(batch.user_feats)
-        return self.head_logits(user, item, out, hist_out, batch.hist_len)
+        user = self.user(batch)
+        return self.head_logits(user, batch.hist_items, batch.hist_actions, batch.hist_len,
+                                candidates, item, out, hist_out)
 
 
-def prefix_state(state, rows: Tensor, lengths: Tensor):
-    """The encoded state of the first `lengths[i]` events of window `rows[i]`: exact, because
-    history tokens are causal (a prefix's K/V and outputs do not depend on later events)."""
-    return replace(state.select(rows), hist_len=lengths)
+@dataclass(frozen=True)
+class Encoded:
+    """A batch's encoded history, user features and raw history codes: all that scoring any
+    number of candidates for these requests needs."""
+
+    state: HistoryState  # per-layer history K/V, outputs (B, N, D), hist_len (B,)
+    user: Tensor  # (B, D) user-feature embedding
+    hist_items: Tensor  # (B, N) for the match counts
+    hist_actions: Tensor  # (B, N)
+
+    def prefixes(self, rows: Tensor, lengths: Tensor) -> "Encoded":
+        """The encoding of the first `lengths[i]` events of request `rows[i]`: exact, because
+        history tokens are causal (a prefix's K/V and outputs do not depend on later events)."""
+        state = replace(self.state.select(rows), hist_len=lengths)
+        return Encoded(state, self.user[rows], self.hist_items[rows], self.hist_actions[rows])
+
 
 
 @register("lsr", "lsr")
@@ -259,7 +310,7 @@ class LateStageRanker:
 
         def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
             batch = recent_history(batch, model.width)
-            state, user = model.encode(batch)
+            enc = model.encode(batch)
             b = len(batch)
             rows = torch.arange(b, device=ctx.device).repeat_interleave(r)  # (B*R,)
             # prefix length l in 1..hist_len predicts event l (the window's target when l = len)
@@ -270,35 +321,31 @@ class LateStageRanker:
             pos = nxt[rows, lens][:, None]  # (B*R, 1)
             neg = sampler.sample(b * r, cfg.n_negatives, gen)  # (B*R, n)
             cand = torch.cat([pos, neg], 1)
-            logits = model.score_with(prefix_state(state, rows, lens), user[rows], cand)
+            logits = model.score_with(enc.prefixes(rows, lens), cand)
             if cfg.rank_logq:
-                logits = logits - sampler.log_q(cand, cfg.n_negatives)
+                logits = logits - cfg.rank_logq * sampler.log_q(cand, cfg.n_negatives)
             hit = torch.cat([torch.zeros_like(pos, dtype=torch.bool), neg == pos], 1)
             logits = logits.masked_fill(hit, -math.inf)  # a sampled positive is no negative
             rank_loss = F.cross_entropy(logits, torch.zeros(b * r, dtype=torch.long, device=ctx.device))
             if cfg.next_item_weight == 0:
                 return rank_loss
-            return rank_loss + cfg.next_item_weight * next_item_loss(state.output, nxt[:, 1:], batch, gen)
+            return rank_loss + cfg.next_item_weight * next_item_loss(enc.state.output, nxt[:, 1:], batch, gen)
 
         def next_item_loss(hist_out: Tensor, nxt: Tensor, batch: RequestBatch, gen) -> Tensor:
             # HSTU's generative objective: the history output after event j predicts event j+1,
             # at every position at once, against shared in-batch + uniform negatives (logQ)
             valid = batch.hist_mask
-            q, pos = model.next_query(hist_out[valid]), nxt[valid]  # (P, D), (P,)
-            s_in, m = min(cfg.in_batch_negatives, pos.shape[0]), cfg.n_uniform_negatives
-            inb = pos[torch.randint(0, pos.shape[0], (s_in,), generator=gen).to(ctx.device)]
-            uni = torch.randint(0, n_items, (m,), generator=gen).to(ctx.device)
-            cols = torch.cat([inb, uni])
-
-            def log_q(ids: Tensor) -> Tensor:
-                return torch.log(s_in * freq[ids] + m / n_items)
-
-            k_pos, k_neg = model.next_key(model.items(pos)), model.next_key(model.items(cols))
-            pos_logit = model.inv_temp * (q * k_pos).sum(-1) - log_q(pos)
-            neg_logit = model.inv_temp * q @ k_neg.T - log_q(cols)[None, :]
-            neg_logit = neg_logit.masked_fill(pos[:, None] == cols[None, :], -math.inf)
-            logits = torch.cat([pos_logit[:, None], neg_logit], 1)
-            return F.cross_entropy(logits, torch.zeros_like(pos))
+            user = model.user(batch)[:, None, :].expand_as(hist_out)
+            return shared_negative_softmax(
+                model.next_query((hist_out + user)[valid]),
+                nxt[valid],
+                lambda ids: model.next_key(model.items(ids)),
+                freq,
+                gen,
+                n_in_batch=cfg.in_batch_negatives,
+                n_uniform=cfg.n_uniform_negatives,
+                inv_temp=model.inv_temp,
+            )
 
         def valid_fn() -> float:
             return sampled_mrr(self._score_model, valid, ctx.device, seed=ctx.seed)
@@ -327,11 +374,11 @@ class LateStageRanker:
         model = self._check_fitted()
         batch = recent_history(batch.to(self.device), model.width)
         c = candidates.to(self.device)
-        state, user = model.encode(batch)
+        enc = model.encode(batch)
         safe = c.clamp_min(0)
         step = self.config.score_chunk
         out = torch.cat(
-            [model.score_with(state, user, safe[:, s : s + step]) for s in range(0, c.shape[1], step)],
+            [model.score_with(enc, safe[:, s : s + step]) for s in range(0, c.shape[1], step)],
             dim=1,
         )
         return out.masked_fill(c < 0, PAD_SCORE).float()
@@ -344,12 +391,12 @@ class LateStageRanker:
         if step < 1:
             raise ValueError(f"score_all: chunk must be >= 1, got {step}")
         batch = recent_history(batch.to(self.device), model.width)
-        state, user = model.encode(batch)
+        enc = model.encode(batch)
         n = model.items.n_items
         parts = []
         for s in range(0, n, step):
             ids = torch.arange(s, min(s + step, n), device=self.device)
-            parts.append(model.score_with(state, user, ids[None, :].expand(len(batch), -1)))
+            parts.append(model.score_with(enc, ids[None, :].expand(len(batch), -1)))
         return torch.cat(parts, dim=1).float()
 
     @torch.no_grad()

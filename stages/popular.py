@@ -38,15 +38,16 @@ class _Popular:
         if not isinstance(self.config, PopularConfig):
             raise ValueError(f"config must be a PopularConfig, got {type(self.config).__name__}")
         self.item_scores: Tensor | None = None  # (n_items,) float32 on the device
+        self.order: Tensor | None = None  # (n_items,) item ids, most popular first
         self.report: dict = {}
         self.device = torch.device("cpu")
 
     def fit(self, ctx: FitContext) -> "_Popular":
         counts = np.bincount(ctx.split.train["item"].to_numpy(), minlength=ctx.dataset.n_items)
-        # a tiny id-based tie-break keeps the order deterministic across devices
-        scores = np.log1p(counts.astype(np.float64)) - 1e-9 * np.arange(len(counts))
         self.device = ctx.device
-        self.item_scores = torch.as_tensor(scores, dtype=torch.float32, device=ctx.device)
+        self.item_scores = torch.as_tensor(np.log1p(counts), dtype=torch.float32, device=ctx.device)
+        # most popular first, ties by item id: deterministic on every device
+        self.order = torch.as_tensor(np.argsort(-counts, kind="stable"), device=ctx.device)
         self.report = {"cached": False, "seconds": 0.0, "n_train_events": int(counts.sum())}
         return self
 
@@ -82,7 +83,7 @@ class PopularRetriever(_Popular):
         # popularity as a one-dimensional "two-tower": user vector 1, item vector its score
         user_vecs = torch.ones((b, 1), device=self.device)
         item_vecs = scores[:, None]
-        order = torch.argsort(scores, descending=True)
+        order = self.order
 
         def search(_u: Tensor, m: int) -> tuple[Tensor, Tensor]:
             top = order[:m]

@@ -55,6 +55,7 @@ from cascade.stages.features import (
     UserFeatureEmbedder,
     recent_history,
     sequence_windows,
+    shared_negative_softmax,
     subsample,
 )
 from cascade.stages.training import TrainConfig, cached_fit, fit_model
@@ -292,26 +293,22 @@ class TwoTowerRetriever:
 
         def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
             # every prefix of every window is one example (see `sequence_windows`)
+            batch = recent_history(batch, model.width)
             u = model.encode(batch)[:, 1:]  # (B, N, D): after events 0..j
             tgt = torch.cat([batch.hist_items[:, 1:], batch.targets[:, :1]], dim=1)  # (B, N)
             last = (batch.hist_len - 1).clamp_min(0)
             tgt = tgt.scatter(1, last[:, None], batch.targets[:, :1])  # the window's own target
             valid = batch.hist_mask  # (B, N)
-            u, pos = u[valid], tgt[valid]  # (P, D), (P,)
-            s_in = min(cfg.in_batch_negatives, pos.shape[0])
-            m = cfg.n_uniform_negatives
-            inb = pos[torch.randint(0, pos.shape[0], (s_in,), generator=gen).to(ctx.device)]
-            uni = torch.randint(0, n_items, (m,), generator=gen).to(ctx.device)
-            cols = torch.cat([inb, uni])  # (S + M,) shared negatives
-
-            def log_q(ids: Tensor) -> Tensor:  # log of the expected number of draws
-                return torch.log(s_in * freq[ids] + m / n_items)
-
-            pos_logit = (u * model.item(pos)).sum(-1) / cfg.temperature - log_q(pos)  # (P,)
-            neg_logit = u @ model.item(cols).T / cfg.temperature - log_q(cols)[None, :]
-            neg_logit = neg_logit.masked_fill(pos[:, None] == cols[None, :], -math.inf)
-            logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)  # (P, 1 + S + M)
-            return F.cross_entropy(logits, torch.zeros_like(pos))
+            return shared_negative_softmax(
+                u[valid],
+                tgt[valid],
+                model.item,
+                freq,
+                gen,
+                n_in_batch=cfg.in_batch_negatives,
+                n_uniform=cfg.n_uniform_negatives,
+                inv_temp=1.0 / cfg.temperature,
+            )
 
         # recall@k is uninformative when k is a large share of the catalogue: cap k at 5%
         valid_k = min(cfg.valid_k, max(10, n_items // 20))

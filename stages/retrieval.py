@@ -98,7 +98,7 @@ class RetrievalConfig:
     valid_requests: int = 2000  # at most this many validation requests per check
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=15, batch_size=128, lr=3e-3, patience=3, max_steps_per_epoch=100
+            epochs=12, batch_size=128, lr=3e-3, patience=3, max_steps_per_epoch=100
         )
     )
 
@@ -234,7 +234,9 @@ def exact_top_k(
         rows = torch.arange(s, min(s + step, len(batch)), device=user_vecs.device)
         scores = user_vecs[rows] @ item_vecs.T  # (b, n_items)
         if exclude_seen:
-            scores = scores.masked_fill(seen_matrix(batch.select(rows), n_items), -math.inf)
+            sub = batch.select(rows)
+            r, c = sub.hist_mask.nonzero(as_tuple=True)
+            scores[r, sub.hist_items[r, c]] = -math.inf
         top = scores.topk(min(k, n_items), dim=1)
         ids, sc, _ = take_valid(top.indices, top.values, ~torch.isfinite(top.values), k)
         out_ids.append(ids)

@@ -124,7 +124,8 @@ class StageSpec:
 _TOP_KEYS = (
     "name", "data", "data_options", "split", "max_len", "retrieval", "esr", "esr_baseline",
     "esr_variants", "lsr", "budgets", "index", "exclude_seen", "device", "seed", "batch_size",
-    "cache_dir", "retrain", "out", "oracle", "reference", "warmup", "bootstrap",
+    "cache_dir", "retrain", "out", "oracle", "reference", "reference_requests", "warmup",
+    "bootstrap",
 )
 
 
@@ -155,6 +156,11 @@ class RunConfig:
     out: str | None = None  # None: runs/<YYYYmmdd-HHMMSS>-<name>
     oracle: bool = True  # the LSR also scores every retrieved candidate (funnel loss)
     reference: bool = True  # LSR over the full catalogue and most-popular reference points
+    # test requests the full-catalogue reference scores (evenly spaced; None: all). Scoring
+    # every item with the LSR costs n_items / retrieval_k times the funnel's LSR pass, so by
+    # default it runs on a subsample; the funnel's share of it is taken on the same requests.
+    # 0: every test request.
+    reference_requests: int = 500
     warmup: int = 1  # untimed replay batches before timing
     bootstrap: int = 1000  # paired bootstrap resamples
 
@@ -175,6 +181,7 @@ class RunConfig:
         _int(self.retrieval_k, "budgets.retrieval", minimum=2, optional=True)
         _int(self.esr_k, "budgets.esr", minimum=2, optional=True)
         _int(self.final_k, "budgets.final", minimum=1)
+        _int(self.reference_requests, "RunConfig.reference_requests", minimum=0)
         ks = [(n, v) for n, v in (("retrieval", self.retrieval_k), ("esr", self.esr_k),
                                   ("final", self.final_k)) if v is not None]
         for (_, v1), (_, v2) in itertools.pairwise(ks):
@@ -299,6 +306,7 @@ class RunConfig:
             "out": self.out,
             "oracle": self.oracle,
             "reference": self.reference,
+            "reference_requests": self.reference_requests,
             "warmup": self.warmup,
             "bootstrap": self.bootstrap,
             "data_options": dict(self.data_options) or None,
@@ -547,14 +555,19 @@ def reference_metrics(
     batch_size: int,
     final_k: int,
     progress: bool,
+    n_requests: int = 0,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """HR@10 / NDCG@10 / MRR of the LSR scoring the whole catalogue and of most-popular
-    (training counts), with the same seen-item exclusion as retrieval. Also returns the
-    per-request ranks of both (R, T)."""
+    (training counts), with the same seen-item exclusion as retrieval, over `n_requests` evenly
+    spaced test requests (0 or more than there are: all). Also returns the per-request ranks of
+    both (R', T); the result's "request_ids" names the requests scored."""
     from cascade.metrics import hit_rate, mean, ndcg, reciprocal_rank
     from cascade.replay import full_catalogue_ranks
 
     ds, split, ctx, test = prepared
+    if 0 < n_requests < len(test):
+        rows = np.unique(np.linspace(0, len(test) - 1, n_requests).round().astype(np.int64))
+        test = Traffic(ds, split.test[rows], max_len=test.max_len)
     k = min(10, final_k)
     valid = test.targets >= 0
     lsr_ranks = full_catalogue_ranks(
@@ -576,7 +589,12 @@ def reference_metrics(
         }
 
     return (
-        {"lsr_full_catalogue": summary(lsr_ranks), "most_popular": summary(pop_ranks)},
+        {
+            "lsr_full_catalogue": summary(lsr_ranks),
+            "most_popular": summary(pop_ranks),
+            "n_requests": len(test),
+            "request_ids": test.request_id.tolist(),
+        },
         lsr_ranks,
         pop_ranks,
     )
@@ -755,12 +773,21 @@ def run_experiment(
         t_ref = time.perf_counter()
         reference, _, _ = reference_metrics(
             lsr, prepared, exclude_seen=exclude_seen, batch_size=cfg.batch_size,
-            final_k=budgets.final, progress=progress,
+            final_k=budgets.final, progress=progress, n_requests=cfg.reference_requests,
         )
         full = reference["lsr_full_catalogue"]
-        for v in variants.values():  # the funnel's share of what the LSR alone achieves
+        from cascade.metrics import quality_summary
+
+        ids = reference.pop("request_ids")
+        for label, v in variants.items():  # the funnel's share of what the LSR alone achieves,
+            # on the same requests the reference scored
+            same = quality_summary(
+                frame.filter((pl.col("variant") == label) & pl.col("request_id").is_in(ids))
+            )
+            v["final_on_reference_requests"] = {m: same.get(m) for m in ("hr@10", "ndcg@10", "mrr")}
             v["vs_lsr_full_catalogue"] = {
-                m: (v["final"][m] / full[m] if full[m] else None) for m in ("hr@10", "ndcg@10", "mrr")
+                m: (same[m] / full[m] if full[m] and same.get(m) is not None else None)
+                for m in ("hr@10", "ndcg@10", "mrr")
             }
         ref_seconds = time.perf_counter() - t_ref
         say(f"reference metrics in {ref_seconds:.1f}s")

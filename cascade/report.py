@@ -275,8 +275,13 @@ def _references(run: Run) -> str | None:
                                    "funnel loses against)",
              "most_popular": "most popular items (the floor)"}
     cols = list(dict.fromkeys(k for v in ref.values() if isinstance(v, dict) for k in v))
-    rows = [[words.get(k, k), *[(v or {}).get(c) for c in cols]] for k, v in ref.items()]
-    return md_table(["reference", *cols], rows)
+    rows = [[words.get(k, k), *[(v or {}).get(c) for c in cols]]
+            for k, v in ref.items() if isinstance(v, dict)]
+    table = md_table(["reference", *cols], rows)
+    n = ref.get("n_requests")
+    if n is None:
+        return table
+    return f"Scored on {n:,} evenly spaced test requests (`reference_requests`).\n\n{table}"
 
 
 def _environment(run: Run) -> str | None:

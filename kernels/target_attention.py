@@ -203,16 +203,26 @@ def _torch(q_c, k_c, v_c, k_h, v_h, hist_len, *, q_h=None, kind="silu"):
     pos = torch.arange(N, device=q_c.device)
     valid = pos[None, :] < hist_len[:, None]  # (B, N)
 
-    # candidates: history part (B,H,n,N) and the diagonal self term (B,H,n,1), side by side
-    s_hist = (q_c @ k_h.transpose(-1, -2)) * scale
-    s_self = (q_c * k_c).sum(-1, keepdim=True) * scale
-    s = torch.cat([s_hist, s_self], dim=-1)  # (B, H, n, N+1)
-    keep = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=-1)[:, None, None, :]
     if kind == "silu":
-        w = F.silu(s) * keep / (hist_len.to(s.dtype) + 1)[:, None, None, None]
+        # silu weights need no normalisation across keys, so the (B,H,n,N) score tensor is
+        # touched by the two matmuls and one SiLU only: the scale goes into q (n*d, not n*N,
+        # multiplies), padded keys are removed by zeroing their values (SiLU(s) * 0 = 0), and
+        # the division by the attended count is applied to the (B,H,n,d) output
+        q_s = q_c * scale
+        s_hist = q_s @ k_h.transpose(-1, -2)  # (B, H, n, N)
+        # in place only without autograd (SiLU's backward needs its input)
+        w_hist = F.silu(s_hist, inplace=not torch.is_grad_enabled())
+        s_self = F.silu((q_s * k_c).sum(-1, keepdim=True))  # (B, H, n, 1)
+        v_valid = v_h * valid[:, None, :, None].to(v_h.dtype)
+        out_c = (w_hist @ v_valid + s_self * v_c) / (hist_len.to(v_c.dtype) + 1)[:, None, None, None]
     else:
+        # candidates: history part (B,H,n,N) and the diagonal self term (B,H,n,1), side by side
+        s_hist = (q_c @ k_h.transpose(-1, -2)) * scale
+        s_self = (q_c * k_c).sum(-1, keepdim=True) * scale
+        s = torch.cat([s_hist, s_self], dim=-1)  # (B, H, n, N+1)
+        keep = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=-1)[:, None, None, :]
         w = torch.softmax(s.masked_fill(~keep, torch.finfo(s.dtype).min), dim=-1)
-    out_c = w[..., :N] @ v_h + w[..., N:] * v_c
+        out_c = w[..., :N] @ v_h + w[..., N:] * v_c
 
     out_h = None
     if q_h is not None:

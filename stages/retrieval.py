@@ -98,7 +98,7 @@ class RetrievalConfig:
     valid_requests: int = 2000  # at most this many validation requests per check
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=12, batch_size=128, lr=3e-3, patience=3, max_steps_per_epoch=100
+            epochs=9, batch_size=128, lr=3e-3, patience=2, max_steps_per_epoch=100
         )
     )
 

@@ -52,7 +52,7 @@ class TwoTowerConfig:
     valid_requests: int = 2000
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=8, batch_size=512, lr=3e-3, patience=2, max_steps_per_epoch=50
+            epochs=8, batch_size=512, lr=3e-3, patience=1, max_steps_per_epoch=50
         )
     )
 

@@ -395,3 +395,29 @@ def test_ablation_command_rejects_esr_keys(tmp_path: Path):
     cfg.write_text('data = "synthetic:tiny"\nesr = "gesr"\n')
     res = CliRunner().invoke(app, ["ablation", "--config", str(cfg), "--no-progress"])
     assert res.exit_code == 2 and "set by the ablation" in res.output
+
+
+def test_mlpg_fused_logit_equals_the_formula():
+    """MLPG.forward folds the gate's factor 2 and beta into the weights; it must still equal
+    l0 + sum_k beta_k MLP_k(2 sigmoid(A_k u + C_k i) * E_k) written out term by term."""
+    from cascade.stages.gesr.mlpg import MLPG
+
+    torch.manual_seed(0)
+    names = ("match", "self", "nro")
+    m = MLPG(names, dim=8, tower_dim=12, hidden=16)
+    with torch.no_grad():
+        m.mlps.w2.normal_()  # the last layers start at zero: make them count
+        m.mlps.b2.normal_()
+        m.beta.normal_()
+    u, i = torch.randn(3, 12), torch.randn(3, 5, 12)
+    embs = {k: torch.randn(3, 5, 8) for k in names}
+    l0 = torch.randn(3, 5)
+    gu, gi = m.user_gates(u), m.item_gates(i)
+    want = l0.clone()
+    for k, name in enumerate(names):
+        g = 2 * torch.sigmoid(gu[:, None, k] + gi[:, :, k])  # (3, 5, 8)
+        h = torch.nn.functional.silu((g * embs[name]) @ m.mlps.w1[k] + m.mlps.b1[k])
+        want = want + m.beta[k] * (h @ m.mlps.w2[k] + m.mlps.b2[k])
+    torch.testing.assert_close(m(l0, gu, gi, embs), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m(l0, gu, gi, embs), l0 + m.secondary(gu, gi, embs) @ m.beta,
+                               rtol=1e-5, atol=1e-5)

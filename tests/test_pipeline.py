@@ -239,6 +239,29 @@ def test_cached_second_run_does_not_retrain(toy_run, planted):
     assert third.fits["esr:mf"]["cached"] is False
 
 
+def test_reference_on_a_request_subsample_compares_like_with_like(toy_run, planted):
+    """reference_requests scores evenly spaced test requests; the funnel's share of the LSR's
+    full-catalogue metric is taken on exactly those requests, not on all of them."""
+    cfg, tmp, first = toy_run
+    n_all = first.metrics["data"]["n_requests"]
+    assert first.metrics["reference"]["n_requests"] == min(n_all, cfg.reference_requests)
+    sub = run_experiment(cfg.replace(out=str(tmp / "run-ref"), reference_requests=7),
+                         dataset=planted, progress=False)
+    ref = sub.metrics["reference"]
+    assert ref["n_requests"] == 7 < n_all
+    # test requests are replayed in table order, so the k-th row is the k-th request
+    table_order = sub.requests.filter(pl.col("variant") == "mf")
+    picked = np.unique(np.linspace(0, table_order.height - 1, 7).round().astype(int))
+    want = table_order[picked]["ndcg@10"].mean()
+    v = sub.metrics["variants"]["mf"]
+    assert v["final_on_reference_requests"]["ndcg@10"] == pytest.approx(want)
+    full = ref["lsr_full_catalogue"]["ndcg@10"]
+    if full:
+        assert v["vs_lsr_full_catalogue"]["ndcg@10"] == pytest.approx(want / full)
+    with pytest.raises(ValueError, match="reference_requests"):
+        cfg.replace(reference_requests=-1)
+
+
 # ---- the pipeline's boundary checks -------------------------------------------------------------
 
 

@@ -118,7 +118,9 @@ def reference_table(metrics: dict) -> Table | None:
     ref = metrics.get("reference")
     if not ref:
         return None
-    table = Table(title="reference points (no funnel: every catalogue item scored)", title_justify="left")
+    n = ref.get("n_requests")
+    on = f", {n:,} test requests" if n is not None else ""
+    table = Table(title=f"reference points (no funnel: every catalogue item scored{on})", title_justify="left")
     for c in ("", "HR@10", "NDCG@10", "MRR"):
         table.add_column(c, justify="right" if c else "left")
     for name, key in (("LSR, full catalogue", "lsr_full_catalogue"), ("most popular", "most_popular")):
@@ -127,6 +129,10 @@ def reference_table(metrics: dict) -> Table | None:
     for label, v in metrics["variants"].items():
         ratio = v.get("vs_lsr_full_catalogue")
         if ratio:
+            same = v.get("final_on_reference_requests")
+            if same and n is not None and n != metrics["data"].get("n_requests"):
+                table.add_row(f"funnel ({label}), same requests",
+                              *(_fmt(same.get(m)) for m in ("hr@10", "ndcg@10", "mrr")))
             table.add_row(
                 f"funnel ({label}) / LSR full",
                 *(f"{ratio[m]:.1%}" if ratio.get(m) is not None else "-" for m in ("hr@10", "ndcg@10", "mrr")),
@@ -207,6 +213,7 @@ def register(app: typer.Typer) -> None:
         retrain: Annotated[bool, typer.Option("--retrain", help="Ignore cached checkpoints and train again.")] = False,
         no_oracle: Annotated[bool, typer.Option("--no-oracle", help="Skip the LSR pass over every retrieved candidate.")] = False,
         no_reference: Annotated[bool, typer.Option("--no-reference", help="Skip the full-catalogue LSR and most-popular reference points.")] = False,
+        reference_requests: Annotated[int | None, typer.Option(help="Test requests the full-catalogue reference scores (default 500, evenly spaced; 0 = all).")] = None,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars or log lines.")] = False,
     ) -> None:
         """Train (or load) retrieval, the ESR(s) and the LSR, replay the test traffic through the
@@ -228,6 +235,7 @@ def register(app: typer.Typer) -> None:
                     cache_dir=cache_dir, retrain=retrain or None,
                     oracle=False if no_oracle else None,
                     reference=False if no_reference else None,
+                    reference_requests=reference_requests,
                 ),
             )
 

@@ -129,12 +129,12 @@ class MoAConfig:
 
 def _default_train() -> TrainConfig:
     # phase 2 (all modules): sized with phase 1 for ml-100k in about a minute on 2 cores
-    return TrainConfig(epochs=3, batch_size=256, lr=2e-3, patience=1, max_steps_per_epoch=120)
+    return TrainConfig(epochs=2, batch_size=256, lr=2e-3, patience=1, max_steps_per_epoch=120)
 
 
 def _default_pretrain() -> TrainConfig:
     # phase 1 (the towers alone): the two-tower ESR's own schedule
-    return TrainConfig(epochs=8, batch_size=512, lr=2e-3, patience=2, max_steps_per_epoch=150)
+    return TrainConfig(epochs=6, batch_size=512, lr=2e-3, patience=1, max_steps_per_epoch=120)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,10 +38,22 @@ class StackedLogitMLPs(nn.Module):
         self.w2 = nn.Parameter(torch.zeros(k, h))
         self.b2 = nn.Parameter(torch.zeros(k))
 
+    def hidden(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        """(..., K, d) -> (..., K, h): SiLU(scale * x W1_k + b1_k). Folding `scale` into the
+        (K, d, h) weights saves a pass over the per-pair input."""
+        w1 = self.w1 * scale if scale != 1.0 else self.w1
+        return F.silu(torch.einsum("...kd,kdh->...kh", x, w1) + self.b1)
+
     def forward(self, x: Tensor) -> Tensor:
         """(..., K, d) -> (..., K)."""
-        h = F.silu(torch.einsum("...kd,kdh->...kh", x, self.w1) + self.b1)
-        return (h * self.w2).sum(-1) + self.b2
+        return (self.hidden(x) * self.w2).sum(-1) + self.b2
+
+    def weighted_sum(self, x: Tensor, beta: Tensor, scale: float = 1.0) -> Tensor:
+        """(..., K, d) -> (...): sum_k beta_k MLP_k(scale * x_k), with beta folded into the last
+        layer, so the K logits are never materialised (one matrix-vector product)."""
+        h = self.hidden(x, scale)  # (..., K, h)
+        w = (self.w2 * beta[:, None]).reshape(-1)  # (K h,)
+        return h.flatten(-2) @ w + self.b2 @ beta
 
 
 class MLPG(nn.Module):
@@ -72,8 +84,11 @@ class MLPG(nn.Module):
         return self.mlps(g * e)
 
     def forward(self, l0: Tensor, gu: Tensor, gi: Tensor, embs: dict[str, Tensor]) -> Tensor:
-        """-> l (B, n) = l0 + sum_k beta_k l_k."""
-        return l0 + self.secondary(gu, gi, embs) @ self.beta
+        """-> l (B, n) = l0 + sum_k beta_k l_k (the same as `secondary` @ beta, computed with
+        the gate's factor 2 folded into the first layers and beta into the last ones)."""
+        g = torch.sigmoid(gu[:, None] + gi)  # (B, n, K, d); g_k = 2 * this
+        e = torch.stack([embs[k] for k in self.names], dim=-2)  # (B, n, K, d)
+        return l0 + self.mlps.weighted_sum(g * e, self.beta, scale=2.0)
 
 
 class UngatedFusion(nn.Module):

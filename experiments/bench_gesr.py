@@ -11,7 +11,9 @@
    alone and all together, per batch and per (request, candidate) pair, so the cost each MoA
    module adds to the funnel is visible. GESR rows run `GESRStage.score` (the serving call,
    chunked over requests). Weights are random (timing does not depend on them); histories are
-   full length (the worst case).
+   full length (the worst case). The last row runs the same full GESR through
+   `torch.compile` (`GESRConfig(compile=True)`); its first call, which compiles, is timed
+   apart ("first call s").
 
     python experiments/bench_gesr.py            # the target shapes
     python experiments/bench_gesr.py --quick    # small shapes, seconds
@@ -123,18 +125,26 @@ def funnel_costs(ds, args, device) -> list[dict]:
             ("gesr: +RO only", MoAConfig.two_tower(history_len=n_hist, cross_attn=("ro",), mlpg=True)),
             ("gesr: full, no MLPG", MoAConfig(history_len=n_hist, mlpg=False)),
             ("gesr: full", MoAConfig(history_len=n_hist))]
+    if not args.no_compile:
+        rows.append(("gesr: full, compiled", MoAConfig(history_len=n_hist)))
     out = []
     for label, moa in rows:
+        first = None
         if moa is None:
             fn = twotower_model(ds, device)
             score = lambda fn=fn: fn(batch, cand)  # noqa: E731
         else:  # the stage's serving call: chunked over requests, catalogue cache built
-            stage = GESRStage(GESRConfig(moa=moa))
+            stage = GESRStage(GESRConfig(moa=moa, compile=label.endswith("compiled")))
             stage.model = build(ds, moa, device, n_hist)
             score = lambda stage=stage: stage.score(batch, cand)  # noqa: E731
+            if stage.config.compile:  # the first call compiles: time it apart
+                t0 = time.perf_counter()
+                score()
+                first = time.perf_counter() - t0
         sec = timeit(score, args.repeats)
         out.append({"variant": label, "batch_ms": sec * 1e3, "us_per_pair": sec * 1e6 / (b * n_cand),
-                    "requests": b, "candidates_per_request": n_cand, "history": n_hist})
+                    "requests": b, "candidates_per_request": n_cand, "history": n_hist,
+                    "first_call_s": first})
     return out
 
 
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     base = costs[0]["batch_ms"]
     t = Table(title=f"ESR scoring cost: {args.batch} requests x {args.candidates} candidates, "
                     f"history {args.history} ({ds.n_items:,} items)")
-    for col in ("variant", "ms / batch", "us / pair", "x two-tower"):
+    for col in ("variant", "ms / batch", "us / pair", "x two-tower", "first call s"):
         t.add_column(col, justify="right" if col != "variant" else "left")
     for r in costs:
-        t.add_row(r["variant"], f"{r['batch_ms']:.1f}", f"{r['us_per_pair']:.3f}", f"{r['batch_ms'] / base:.1f}")
+        first = "" if r["first_call_s"] is None else f"{r['first_call_s']:.1f}"
+        t.add_row(r["variant"], f"{r['batch_ms']:.1f}", f"{r['us_per_pair']:.3f}",
+                  f"{r['batch_ms'] / base:.1f}", first)
     console.print(t)
 
     record = {

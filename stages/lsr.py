@@ -313,6 +313,7 @@ class LateStageRanker:
     def fit(self, ctx: FitContext) -> "LateStageRanker":
         cfg = self.config
         self.device = ctx.device
+        torch.manual_seed(ctx.seed)  # the initial weights depend on the seed only, not on what ran before
         model = LSRModel(ctx, cfg).to(ctx.device)
         self.model = model
         n_items = ctx.dataset.n_items

@@ -285,6 +285,7 @@ class TwoTowerRetriever:
     def fit(self, ctx: FitContext) -> "TwoTowerRetriever":
         cfg = self.config
         self.device = ctx.device
+        torch.manual_seed(ctx.seed)  # the initial weights depend on the seed only, not on what ran before
         model = RetrievalModel(ctx, cfg).to(ctx.device)
         self.model = model
         n_items = ctx.dataset.n_items

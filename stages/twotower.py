@@ -144,6 +144,7 @@ class TwoTowerESR:
     def fit(self, ctx: FitContext) -> "TwoTowerESR":
         cfg = self.config
         self.device = ctx.device
+        torch.manual_seed(ctx.seed)  # the initial weights depend on the seed only, not on what ran before
         model = TwoTowerModel(ctx, cfg).to(ctx.device)
         self.model = model
         counts = np.bincount(ctx.train.targets[:, 0], minlength=ctx.dataset.n_items)

@@ -421,3 +421,21 @@ def test_mlpg_fused_logit_equals_the_formula():
     torch.testing.assert_close(m(l0, gu, gi, embs), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m(l0, gu, gi, embs), l0 + m.secondary(gu, gi, embs) @ m.beta,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_serving_matches_eager_and_does_not_change_the_checkpoint(trained, synth_ctx):
+    """compile=True runs the same scoring through torch.compile (Inductor): the same scores,
+    a batch larger than one scoring group (so the smaller last group goes through the dynamic
+    shapes), and the same cached checkpoint (compile is serving-only, not part of the key)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(trained.config, compile=True, score_chunk_pairs=64)
+    stage = GESRStage(cfg).fit(synth_ctx)
+    assert stage.report["cached"] is True  # same checkpoint as the eager stage's
+    batch = synth_ctx.valid.batch(np.arange(10))
+    cand = torch.randint(0, synth_ctx.dataset.n_items, (10, 24), generator=torch.Generator().manual_seed(3))
+    eager = trained.score(batch, cand)
+    compiled = stage.score(batch, cand)
+    assert stage._compiled is not None and stage._compiled != stage.model.score  # really compiled
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(stage.score(batch, cand.flip(1)), compiled)  # a real function of cand

@@ -167,6 +167,11 @@ class GESRConfig:
     score_chunk_pairs: int = 16384  # serving: requests are scored in groups of about this many
     #                                 (request, candidate) pairs, so the per-pair intermediates
     #                                 stay in cache (on CPU ~2x faster than one huge call)
+    # serving: compile the scoring path with torch.compile (Inductor), as the paper's serving
+    # does. The first scoring call of a process compiles (tens of seconds on 2 CPU cores; later
+    # processes reuse Inductor's on-disk cache), then every call runs fused kernels. Pays off
+    # over long replays; the replay's untimed warm-up batch absorbs the compilation.
+    compile: bool = False
     moa: MoAConfig = field(default_factory=MoAConfig)
     pretrain_towers: bool = True  # phase 1: train the towers alone first (see stage.py)
     pretrain: TrainConfig = field(default_factory=_default_pretrain)
@@ -202,6 +207,8 @@ class GESRConfig:
             )
         if self.impl not in IMPLS:
             raise ValueError(f"GESRConfig.impl must be one of {list(IMPLS)}, got {self.impl!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"GESRConfig.compile must be true or false, got {self.compile!r}")
         if not isinstance(self.pretrain_towers, bool):
             raise ValueError(f"GESRConfig.pretrain_towers must be true or false, got {self.pretrain_towers!r}")
         if not 0.0 <= self.dropout < 1.0:

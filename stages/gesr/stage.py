@@ -20,7 +20,9 @@ Serving: `score` encodes each request once and scores all its candidates in one 
 against the catalogue cache (item-tower outputs, MLPG item gates, candidate tokens,
 cross-attention item projections, HMA's item -> category table), built once after `fit`. A
 large replay batch is processed in groups of requests of about `score_chunk_pairs` (request,
-candidate) pairs, so per-pair intermediates stay in cache.
+candidate) pairs, so per-pair intermediates stay in cache. With `compile=True` that call goes
+through `torch.compile` (dynamic shapes, so the smaller last group does not recompile); if
+compilation fails (no C++ compiler, say) scoring says so once on stderr and stays eager.
 
 Negatives (`sampling.py`): uniform, popularity-sampled and interest-matched (an item of the
 category of a random history event), with the exact log-Q correction of that mixture.
@@ -32,7 +34,9 @@ interest-matched negatives need categories.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 from typing import Callable
 
 import numpy as np
@@ -50,6 +54,9 @@ from cascade.stages.training import cached_fit, fit_model, sampled_mrr
 # part of the checkpoint cache key: bump when the network or its training changes, so a cached
 # checkpoint of an older GESR is never loaded into a newer one
 MODEL_VERSION = "v3"
+# config fields that only change how a trained model is served, not what is trained: left out
+# of the checkpoint cache key
+SERVING_ONLY = ("compile", "score_chunk_pairs")
 
 
 def pointwise_loss(
@@ -125,6 +132,7 @@ class GESRStage:
         self.model: GESRModel | None = None
         self.report: dict = {}
         self.device = torch.device("cpu")
+        self._compiled: Callable | None = None
 
     def _categories(self, ctx: FitContext) -> tuple[Tensor | None, int]:
         ds = ctx.dataset
@@ -219,7 +227,8 @@ class GESRStage:
             report["parameters"] = sum(p.numel() for p in model.parameters())
             return report
 
-        self.report = cached_fit(model, stage=f"esr-gesr-{MODEL_VERSION}", config=cfg, ctx=ctx, train=train)
+        key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SERVING_ONLY}
+        self.report = cached_fit(model, stage=f"esr-gesr-{MODEL_VERSION}", config=key, ctx=ctx, train=train)
         model.to(ctx.device).eval()
         model.cache_items()
         self.model = model
@@ -233,10 +242,34 @@ class GESRStage:
             raise StageError("gesr: score() called before fit()")
         b, n = candidates.shape
         step = max(1, self.config.score_chunk_pairs // max(n, 1))
+        score = self._scorer()
         if b <= step:
-            return self.model.score(batch, candidates).float()
+            return score(batch, candidates).float()
         parts = []
         for lo in range(0, b, step):
             rows = torch.arange(lo, min(lo + step, b), device=candidates.device)
-            parts.append(self.model.score(batch.select(rows), candidates[lo : lo + step]))
+            parts.append(score(batch.select(rows), candidates[lo : lo + step]))
         return torch.cat(parts).float()
+
+    def _scorer(self) -> Callable[[RequestBatch, Tensor], Tensor]:
+        """model.score, compiled once per stage when `compile` is on."""
+        if not self.config.compile:
+            return self.model.score
+        if self._compiled is None:
+            compiled = torch.compile(self.model.score, dynamic=True)
+            model = self.model
+
+            def guarded(batch: RequestBatch, cand: Tensor) -> Tensor:
+                try:
+                    return compiled(batch, cand)
+                except Exception as e:  # noqa: BLE001 - any backend failure: serve eagerly
+                    print(
+                        f"gesr: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "scoring without compilation",
+                        file=sys.stderr,
+                    )
+                    self._compiled = model.score
+                    return model.score(batch, cand)
+
+            self._compiled = guarded
+        return self._compiled

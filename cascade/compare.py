@@ -34,14 +34,12 @@ from typing import Any, Callable, Sequence
 import polars as pl
 
 from cascade.data.dataset import DataError
+from cascade.records import FILE_MODE
 
 COMPARE_FORMAT = "cascade-compare/1"
 REQUEST_COLUMNS = ("variant", "request_id", "user", "target", "rank_retrieval", "rank_esr",
                    "rank_lsr")
 LATENCY_COLUMNS = ("variant", "stage", "batch", "batch_size", "ms")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 FUNNEL_STAGE = "funnel"  # the pseudo-stage: every stage of one batch, summed
 # final metric name in metrics.json -> per-request column in requests.parquet
 _PER_REQUEST = {"hr": "hit", "ndcg": "ndcg", "mrr": "rr"}

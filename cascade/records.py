@@ -26,6 +26,11 @@ from typing import Any
 
 import polars as pl
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would have given: mkstemp / mkdtemp are private
+DIR_MODE = 0o777 & ~_UMASK
+
 FORMAT = "cascade-run/1"
 RUN_FILES = ("config.toml", "metrics.json", "requests.parquet", "latency.parquet", "env.json")
 
@@ -161,6 +166,7 @@ def write_run(
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        os.chmod(tmp, DIR_MODE)  # mkdtemp makes a private folder; a run folder is an output
         old = None
         if path.exists():  # replace an earlier run: move it aside, move the new one in, drop it
             old = path.parent / f".{path.name}.old-{os.getpid()}"

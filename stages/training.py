@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from cascade.data.traffic import RequestBatch, Traffic
+from cascade.records import FILE_MODE
 from cascade.stages.base import FitContext
 
 
@@ -62,6 +63,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename, so a
+    crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -69,6 +72,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

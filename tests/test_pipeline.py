@@ -213,6 +213,13 @@ def test_run_folder_is_complete_and_documented(toy_run):
     assert req.height == 2 * m["data"]["n_requests"]
     assert run.latency().columns == ["variant", "stage", "batch", "batch_size", "ms"]
     assert run.env["versions"]["torch"] == torch.__version__
+    # written through private temporaries, published with the modes open() would have given
+    import stat
+
+    from cascade.records import DIR_MODE, FILE_MODE
+
+    assert stat.S_IMODE(res.path.stat().st_mode) == DIR_MODE
+    assert stat.S_IMODE((res.path / "metrics.json").stat().st_mode) == FILE_MODE
     # config.toml is the resolved config: loading it gives the same run settings
     again = RunConfig.load(res.path / "config.toml")
     assert (again.retrieval_k, again.esr_k, again.final_k) == (50, 20, 10)

@@ -456,3 +456,17 @@ def test_trained_weights_depend_on_the_seed_not_on_what_ran_before(cls, cfg, tmp
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=3e-3, msg=k)
+
+
+def test_atomic_writes_publish_whole_files_with_ordinary_modes(tmp_path):
+    import stat
+
+    from cascade.records import FILE_MODE
+    from cascade.stages.training import atomic_write_bytes
+
+    target = tmp_path / "sub" / "x.json"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == FILE_MODE  # not mkstemp's private 0600
+    assert [p.name for p in target.parent.iterdir()] == ["x.json"]  # no temporaries left

@@ -156,7 +156,7 @@ class RunConfig:
     out: str | None = None  # None: runs/<YYYYmmdd-HHMMSS>-<name>
     oracle: bool = True  # the LSR also scores every retrieved candidate (funnel loss)
     reference: bool = True  # LSR over the full catalogue and most-popular reference points
-    # test requests the full-catalogue reference scores (evenly spaced; None: all). Scoring
+    # test requests the full-catalogue reference scores (evenly spaced). Scoring
     # every item with the LSR costs n_items / retrieval_k times the funnel's LSR pass, so by
     # default it runs on a subsample; the funnel's share of it is taken on the same requests.
     # 0: every test request.

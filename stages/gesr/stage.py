@@ -232,6 +232,7 @@ class GESRStage:
         model.to(ctx.device).eval()
         model.cache_items()
         self.model = model
+        self._compiled = None  # a compiled scorer belongs to the model it was built for
         return self
 
     @torch.inference_mode()
@@ -264,7 +265,7 @@ class GESRStage:
                     return compiled(batch, cand)
                 except Exception as e:  # noqa: BLE001 - any backend failure: serve eagerly
                     print(
-                        f"gesr: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        f"gesr: torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
                         "scoring without compilation",
                         file=sys.stderr,
                     )

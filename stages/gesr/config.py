@@ -169,7 +169,7 @@ class GESRConfig:
     #                                 (request, candidate) pairs, so the per-pair intermediates
     #                                 stay in cache (on CPU ~2x faster than one huge call)
     # serving: compile the scoring path with torch.compile (Inductor), as the paper's serving
-    # does. The first scoring call of a process compiles (tens of seconds on 2 CPU cores; later
+    # does. The first scoring call of a process compiles (~100 s for the full model on 2 CPU cores; later
     # processes reuse Inductor's on-disk cache), then every call runs fused kernels. Pays off
     # over long replays; the replay's untimed warm-up batch absorbs the compilation.
     compile: bool = False

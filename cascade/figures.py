@@ -45,7 +45,7 @@ def _new_figure(width: float = 7.0, height: float = 4.2):
 def write_atomic(path: Path, data: bytes) -> Path:
     """`atomic_write_bytes`, then the permissions of an ordinary file (the temporary file it
     renames is private to its owner), so reports and figures stay readable by others."""
-    from cascade.compare import FILE_MODE
+    from cascade.records import FILE_MODE
 
     atomic_write_bytes(Path(path), data)
     os.chmod(path, FILE_MODE)

@@ -241,10 +241,7 @@ def full_catalogue_ranks(
 
 
 def mask_seen(scores: torch.Tensor, batch) -> torch.Tensor:
-    """Set the scores of the items in each request's history to -inf."""
-    hist = torch.where(batch.hist_mask, batch.hist_items, -1)
-    rows = torch.arange(len(batch), device=scores.device)[:, None].expand_as(hist)
-    keep = hist >= 0
-    scores = scores.clone()
-    scores[rows[keep], hist[keep]] = float("-inf")
-    return scores
+    """A copy of `scores` with the items in each request's history at -inf."""
+    from cascade.stages.features import exclude_history_
+
+    return exclude_history_(scores.clone(), batch)

@@ -177,7 +177,7 @@ def _final_section(run: Run) -> str:
                      _f(vm.get("throughput_rps"), 1), share])
     out = md_table(["variant", *finals, "throughput req/s", "ndcg@10 / LSR alone"], rows)
     return out + ("\n*ndcg@10 / LSR alone*: the funnel's NDCG@10 over that of the LSR scoring "
-                  "the whole catalogue (see References).\n")
+                  "the whole catalogue, both on the requests the reference scored (see References).\n")
 
 
 def _comparison_section(run: Run) -> str | None:
@@ -279,7 +279,7 @@ def _references(run: Run) -> str | None:
             for k, v in ref.items() if isinstance(v, dict)]
     table = md_table(["reference", *cols], rows)
     n = ref.get("n_requests")
-    if n is None:
+    if n is None or n == run.metrics["data"].get("n_requests"):
         return table
     return f"Scored on {n:,} evenly spaced test requests (`reference_requests`).\n\n{table}"
 

@@ -75,8 +75,8 @@ def pseudo_categories(
         pairs = sparse.coo_matrix(
             (np.ones(r.size, np.float32), (r, c)), shape=(n_items, n_items)
         ).tocsr()
-        co = co + pairs + pairs.T
-    co = co.tocsr()
+        co = co + pairs
+    co = (co + co.T).tocsr()  # co-occurrence is symmetric: add the transpose once
     co.data = np.log1p(co.data)
     seen = np.zeros(n_items, dtype=bool)
     seen[items] = True

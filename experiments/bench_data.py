@@ -101,7 +101,10 @@ def child_generate(preset_name: str) -> None:
     print(json.dumps({
         "seconds": seconds,
         "rss_after_import_gib": rss_import,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),  # the process's; the simulation sets its own:
+        "simulation_threads": next(  # from the generator's report, "... on N thread(s) ..."
+            (int(line.split(" on ")[1].split()[0]) for line in ds.report if " thread(s)" in line), None
+        ),
         "config": asdict(cfg),
         "sizes": {"users": ds.n_users, "items": ds.n_items, "events": ds.n_events,
                   "items_consumed": int(ds.events["item"].n_unique()),
@@ -201,7 +204,7 @@ def main() -> None:
             f"synthetic {name}",
             f"{s['users']} users, {s['items']} items, {s['events']} events",
             f"{r['seconds']:.1f} s, peak {r['peak_rss_gib']:.2f} GiB "
-            f"(imports {r['rss_after_import_gib']:.2f}), {r['torch_threads']} threads",
+            f"(imports {r['rss_after_import_gib']:.2f}), simulation on {r['simulation_threads']} thread(s)",
             "< 60 s, < 4 GiB" if name == "large" else "(targets are for large)",
             ("yes" if r["met"] else "NO") if name == "large" else "",
         )

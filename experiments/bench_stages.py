@@ -39,8 +39,10 @@ from cascade.stages.base import FitContext
 from cascade.stages.gesr import GESRStage
 from cascade.stages.lsr import LateStageRanker
 from cascade.stages.popular import PopularRanker
-from cascade.stages.retrieval import TwoTowerRetriever, seen_matrix
-from cascade.stages.training import TrainConfig, atomic_write_bytes, sampled_mrr
+from cascade.stages.retrieval import TwoTowerRetriever
+from cascade.metrics import hit_rate, mean, ndcg, ranks_from_scores, reciprocal_rank
+from cascade.replay import full_catalogue_ranks
+from cascade.stages.training import atomic_write_bytes, sampled_mrr
 from cascade.stages.twotower import TwoTowerESR
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
@@ -50,12 +52,14 @@ def configure(cls, overrides: dict[str, object], *, quick: bool):
     """The stage with its default config, `--set` overrides applied (and short training for
     --quick). Override keys are config fields, "train.<field>" for the training loop."""
     cfg = cls.config_class()
-    if quick and hasattr(cfg, "train"):
-        cfg = replace(cfg, train=replace(cfg.train, epochs=2, max_steps_per_epoch=10))
-    top = {k: v for k, v in overrides.items() if not k.startswith("train.")}
-    train = {k[len("train.") :]: v for k, v in overrides.items() if k.startswith("train.")}
-    if train:
-        top["train"] = replace(cfg.train, **train)
+    phases = [p for p in ("train", "pretrain") if hasattr(cfg, p)]  # GESR has a tower phase
+    if quick:
+        cfg = replace(cfg, **{p: replace(getattr(cfg, p), epochs=2, max_steps_per_epoch=10) for p in phases})
+    top = {k: v for k, v in overrides.items() if not k.startswith(("train.", "pretrain."))}
+    for p in phases:
+        loop = {k[len(p) + 1 :]: v for k, v in overrides.items() if k.startswith(p + ".")}
+        if loop:
+            top[p] = replace(getattr(cfg, p), **loop)
     return cls(replace(cfg, **top))
 
 
@@ -88,36 +92,41 @@ def evaluate(
     stage, test: Traffic, n_items: int, popularity: np.ndarray, batch_size: int,
     retrieved: list[torch.Tensor] | None,
 ) -> dict:
-    hr = ndcg = rr = hard = rhr = rndcg = 0.0
+    """Full-catalogue HR@10 / NDCG@10 / MRR (seen items excluded, ties against the target: the
+    funnel's own `full_catalogue_ranks` and `cascade.metrics`), hard MRR, and the re-ranking
+    of retrieval's top 100 when given."""
+    ranks = full_catalogue_ranks(
+        lambda b: all_scores(stage, b, n_items), test, batch_size=batch_size, exclude_seen=True
+    )
+    valid = test.targets >= 0
+    rerank_ranks = []
+    hard = 0.0
     top = torch.as_tensor(np.argsort(-popularity, kind="stable")[:51])
     for i, batch in enumerate(test.batches(batch_size)):
         target = batch.targets[:, :1]
-        if retrieved is not None:
+        if retrieved is not None:  # rank among retrieval's candidates, a miss when absent
             cand = retrieved[i]
-            rs = stage.score(batch, cand)
-            found = (cand == target).any(1)
-            rs_t = torch.where(cand == target, rs, torch.full_like(rs, -torch.inf)).max(1, keepdim=True).values
-            rrank = (rs > rs_t).sum(1)
-            rhit = found & (rrank < 10)
-            rhr += float(rhit.sum())
-            rndcg += float((rhit.float() / torch.log2(rrank.float() + 2)).sum())
-        s = all_scores(stage, batch, n_items).masked_fill(seen_matrix(batch, n_items), -torch.inf)
-        rank = (s > s.gather(1, target)).sum(1)  # 0-based; the target is never in its history
-        hr += float((rank < 10).sum())
-        ndcg += float(((rank < 10).float() / torch.log2(rank.float() + 2)).sum())
-        rr += float((1.0 / (rank.float() + 1)).sum())
+            rs = stage.score(batch, cand).float().masked_fill(cand < 0, -torch.inf)
+            found = (cand == target).any(1).numpy()
+            col = (cand == target).float().argmax(1, keepdim=True).numpy()
+            r = ranks_from_scores(rs.numpy(), col)
+            rerank_ranks.append(np.where(found[:, None], r, -1))
         others = top[None, :].expand(len(batch), -1)
         keep = torch.sort((others == target).to(torch.int8), dim=1, stable=True).indices[:, :50]
         cand = torch.cat([target, others.gather(1, keep)], 1)
-        hs = stage.score(batch, cand)
-        hard += float((1.0 / (1 + (hs[:, 1:] >= hs[:, :1]).sum(1)).float()).sum())
+        hs = stage.score(batch, cand).float().numpy()
+        hard += float(reciprocal_rank(ranks_from_scores(hs, np.zeros((len(batch), 1), np.int64))).sum())
     n = len(test)
-    rerank = {} if retrieved is None else {"rerank_hr@10": rhr / n, "rerank_ndcg@10": rndcg / n}
+    out = {}
+    if retrieved is not None:
+        rr = np.concatenate(rerank_ranks)
+        v1 = valid[:, :1]
+        out = {"rerank_hr@10": mean(hit_rate(rr, v1, 10)), "rerank_ndcg@10": mean(ndcg(rr, v1, 10))}
     return {
-        **rerank,
-        "hr@10": hr / n,
-        "ndcg@10": ndcg / n,
-        "mrr": rr / n,
+        **out,
+        "hr@10": mean(hit_rate(ranks, valid, 10)),
+        "ndcg@10": mean(ndcg(ranks, valid, 10)),
+        "mrr": mean(reciprocal_rank(ranks, valid)),
         "sampled_mrr": sampled_mrr(stage.score, test, torch.device("cpu"), seed=1),
         "hard_mrr": hard / n,
     }

@@ -218,6 +218,14 @@ class HistoryTokenEmbedder(nn.Module):
         return self.embed(batch.hist_items, batch.hist_actions, batch.hist_gaps, batch.hist_len)
 
 
+def exclude_history_(scores: Tensor, batch: RequestBatch) -> Tensor:
+    """In place: scores (B, n_items) set to -inf at the items of each request's history (its
+    valid positions). Returns `scores`."""
+    r, c = batch.hist_mask.nonzero(as_tuple=True)
+    scores[r, batch.hist_items[r, c]] = -math.inf
+    return scores
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """(B, N, D) values, (B, N) bool -> (B, D) mean over the True positions (0 when none)."""
     w = mask.to(x.dtype)

@@ -56,6 +56,7 @@ from cascade.stages.features import (
     MatchCounter,
     NegativeSampler,
     UserFeatureEmbedder,
+    exclude_history_,
     recent_history,
     sequence_windows,
     shared_negative_softmax,
@@ -379,9 +380,11 @@ class LateStageRanker:
 
     @torch.no_grad()
     def _rerank_ndcg(self, traffic, n_candidates: int) -> float:
-        """NDCG@10 of the full model re-ranking the generative head's top `n_candidates` items
-        (a miss when the target is not among them): a cheap stand-in for full-catalogue NDCG@10,
-        the measure the LSR is judged on, that costs n_candidates scores per request."""
+        """NDCG@10 of the full model re-ranking the generative head's top `n_candidates` unseen
+        items (a miss when the target is not among them): a cheap stand-in for full-catalogue
+        NDCG@10 with seen items excluded, the measure the LSR is judged on, that costs
+        n_candidates scores per request. Ties count against the target, as in
+        `cascade.metrics.ranks_from_scores`."""
         model = self._check_fitted()
         n_items = model.items.n_items
         keys = torch.cat(
@@ -395,13 +398,16 @@ class LateStageRanker:
             batch = recent_history(batch.to(self.device), model.width)
             enc = model.encode(batch)
             query = model.next_query(newest_output(enc.state.output, batch.hist_len) + enc.user)
-            top = (query @ keys.T).topk(min(n_candidates, n_items), dim=1).indices  # (B, C)
-            scores = model.score_with(enc, top)
-            target = batch.targets[:, :1]
-            t_score = torch.where(top == target, scores, torch.full_like(scores, -math.inf)).max(1).values
-            rank = (scores > t_score[:, None]).sum(1)
-            hit = (top == target).any(1) & (rank < 10)
-            total += float((hit.float() / torch.log2(rank.float() + 2)).sum())
+            head = exclude_history_(query @ keys.T, batch)
+            top = head.topk(min(n_candidates, n_items), dim=1)
+            # a request with fewer unseen items than n_candidates gets some seen ones (-inf):
+            # they never outrank the target
+            scores = model.score_with(enc, top.indices).masked_fill(~torch.isfinite(top.values), -math.inf)
+            is_t = top.indices == batch.targets[:, :1]
+            t_score = torch.where(is_t, scores, torch.full_like(scores, -math.inf)).max(1).values
+            rank = (scores > t_score[:, None]).sum(1) + (scores == t_score[:, None]).sum(1) - 1
+            hit = is_t.any(1) & (rank < 10)
+            total += float((hit.float() / torch.log2(rank.clamp(min=0).float() + 2)).sum())
             count += len(batch)
         return total / max(count, 1)
 

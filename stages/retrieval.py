@@ -53,6 +53,7 @@ from cascade.stages.features import (
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
     UserFeatureEmbedder,
+    exclude_history_,
     recent_history,
     sequence_windows,
     shared_negative_softmax,
@@ -204,14 +205,6 @@ def take_valid(ids: Tensor, scores: Tensor, invalid: Tensor, k: int) -> tuple[Te
     return ids, scores, (~invalid).sum(1)
 
 
-def seen_matrix(batch: RequestBatch, n_items: int) -> Tensor:
-    """(B, n_items) bool, True at the items of each request's (valid) history."""
-    hist = torch.where(batch.hist_mask, batch.hist_items, torch.zeros_like(batch.hist_items))
-    seen = torch.zeros((len(batch), n_items), dtype=torch.int32, device=hist.device)
-    seen.scatter_add_(1, hist, batch.hist_mask.to(torch.int32))  # add: padding adds 0
-    return seen > 0
-
-
 def n_distinct_seen(batch: RequestBatch) -> Tensor:
     """(B,) number of distinct items in each request's valid history."""
     h = torch.where(batch.hist_mask, batch.hist_items, torch.full_like(batch.hist_items, -1))
@@ -234,9 +227,7 @@ def exact_top_k(
         rows = torch.arange(s, min(s + step, len(batch)), device=user_vecs.device)
         scores = user_vecs[rows] @ item_vecs.T  # (b, n_items)
         if exclude_seen:
-            sub = batch.select(rows)
-            r, c = sub.hist_mask.nonzero(as_tuple=True)
-            scores[r, sub.hist_items[r, c]] = -math.inf
+            exclude_history_(scores, batch.select(rows))
         top = scores.topk(min(k, n_items), dim=1)
         ids, sc, _ = take_valid(top.indices, top.values, ~torch.isfinite(top.values), k)
         out_ids.append(ids)

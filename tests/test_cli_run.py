@@ -157,4 +157,5 @@ def test_cli_builtin_funnel_on_tiny_synthetic(tmp_path):
     for label, v in m["variants"].items():
         r = [s["recall"] for s in v["stages"]]
         assert 1.0 >= r[0] >= r[1] >= r[2] >= 0.0, (label, r)
-        assert r[0] > 0.1  # trained retrieval finds the planted signal at all
+        # trained retrieval finds the planted signal: well above a random pick of the budget
+        assert r[0] > 3 * m["budgets"]["retrieval"] / m["data"]["n_items"], (label, r)

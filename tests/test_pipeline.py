@@ -265,6 +265,8 @@ def test_reference_on_a_request_subsample_compares_like_with_like(toy_run, plant
     full = ref["lsr_full_catalogue"]["ndcg@10"]
     if full:
         assert v["vs_lsr_full_catalogue"]["ndcg@10"] == pytest.approx(want / full)
+    else:  # no ratio to a zero
+        assert v["vs_lsr_full_catalogue"]["ndcg@10"] is None
     with pytest.raises(ValueError, match="reference_requests"):
         cfg.replace(reference_requests=-1)
 

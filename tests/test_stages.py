@@ -359,6 +359,10 @@ def test_max_len_limits_the_history_a_stage_reads(ctx, batch):
         s = stage.score(batch, cand)
         assert torch.isfinite(s).all()
         torch.testing.assert_close(stage.score(other, cand), s)
+        # control: the stage does read its recent history (changing the newest event matters)
+        newest = torch.arange(batch.hist_items.shape[1])[None, :] == (batch.hist_len[:, None] - 1)
+        recent = replace(batch, hist_items=torch.where(newest, (batch.hist_items + 7) % 120, batch.hist_items))
+        assert not torch.allclose(stage.score(recent, cand), s)
 
 
 def test_unfitted_stage_is_a_stage_error(batch):

@@ -40,11 +40,9 @@ from pathlib import Path
 from typing import Annotated, Any, Mapping
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cascade.data.dataset import DataError
 from cascade.stages.base import StageError
 
 # synthetic data whose affinity has a strong user-item cross part (category-count matches and
@@ -206,7 +204,7 @@ def _num(x: Any, d: int = 4) -> str:
 
 
 def _delta(c: Mapping[str, Any] | None) -> str:
-    if not c:
+    if not c or c.get("delta") is None:  # no paired requests: no delta
         return ""
     lo, hi = c["ci95"]
     return f"{c['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
@@ -248,7 +246,7 @@ def ablation_markdown(metrics: Mapping[str, Any], rows: list[dict]) -> str:
 
 
 def _with_delta(value: Any, c: Mapping[str, Any] | None) -> str:
-    if not c:
+    if not c or c.get("delta") is None:
         return _num(value)
     lo, hi = c["ci95"]
     text = f"{_num(value)} ({c['delta']:+.4f})"
@@ -305,23 +303,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """GESR ablation: two-tower, +HMA, +self attention, +cross attention, +MLPG, as ESR
         variants of one run; prints the table and writes ablation.md / ablation.json."""
-        from cascade.experiment import run_experiment
+        from cascade.commands.run import execute
 
-        console = Console()
-        try:
-            cfg = build_ablation_config(config, dict(
+        console, result = execute(
+            lambda: build_ablation_config(config, dict(
                 data=data, split=split, max_requests=max_requests, device=device, seed=seed,
                 out=out, cache_dir=cache_dir, retrain=retrain or None,
-            ))
-
-            def log(msg: str) -> None:
-                if not no_progress:
-                    console.print(f"[dim]{escape(msg)}[/dim]", soft_wrap=True)
-
-            result = run_experiment(cfg, progress=not no_progress, log=log)
-        except (DataError, StageError, ValueError) as e:
-            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(2) from None
+            )),
+            no_progress,
+        )
         rows = ablation_rows(result.metrics)
         console.print(ablation_table(result.metrics, rows))
         if result.path is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -188,6 +189,31 @@ def build_config(
         raise ValueError(str(e)) from None
 
 
+def execute(make_config: Callable[[], Any], no_progress: bool) -> tuple[Console, Any]:
+    """Build the config and run the experiment, as `cascade run` and `cascade ablation` do:
+    plugins importable from the current directory, log lines (the budgets always), and bad
+    input as one red line with exit code 2. Returns (console, RunResult)."""
+    from cascade.experiment import run_experiment
+
+    # like `python -m`, let 'module:Class' plugins be found in the current directory
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    console = Console()
+
+    def log(msg: str) -> None:
+        # the budgets are part of the result: printed even with --no-progress
+        if msg.startswith("budgets:"):
+            console.print(escape(msg), soft_wrap=True)
+        elif not no_progress:
+            console.print(f"[dim]{escape(msg)}[/dim]", soft_wrap=True)
+
+    try:
+        return console, run_experiment(make_config(), progress=not no_progress, log=log)
+    except (DataError, StageError, ValueError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
@@ -218,14 +244,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train (or load) retrieval, the ESR(s) and the LSR, replay the test traffic through the
         funnel, print recall through it and per-stage latency, and save the run folder."""
-        from cascade.experiment import run_experiment
-
-        # like `python -m`, let 'module:Class' plugins be found in the current directory
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        console = Console()
-        try:
-            cfg = build_config(
+        console, result = execute(
+            lambda: build_config(
                 config,
                 dict(
                     data=data, split=split, esr=esr, esr_baseline=esr_baseline,
@@ -237,19 +257,9 @@ def register(app: typer.Typer) -> None:
                     reference=False if no_reference else None,
                     reference_requests=reference_requests,
                 ),
-            )
-
-            def log(msg: str) -> None:
-                # the budgets are part of the result: printed even with --no-progress
-                if msg.startswith("budgets:"):
-                    console.print(escape(msg), soft_wrap=True)
-                elif not no_progress:
-                    console.print(f"[dim]{escape(msg)}[/dim]", soft_wrap=True)
-
-            result = run_experiment(cfg, progress=not no_progress, log=log)
-        except (DataError, StageError, ValueError) as e:
-            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(2) from None
+            ),
+            no_progress,
+        )
         console.print(funnel_table(result.metrics))
         ref = reference_table(result.metrics)
         if ref is not None:

@@ -214,7 +214,7 @@ class GESRStage:
                 report.update(fit_model(model, loss_fn, lambda: metric(""),
                                         ctx, cfg.train, desc="esr gesr"))
             else:
-                report.update({k: v for k, v in pre.items()})
+                report.update(pre)
             report.update(
                 normalized_entropy(
                     model, valid, sampler, cfg.n_negatives, seed=ctx.seed + 1, device=ctx.device,
@@ -243,13 +243,12 @@ class GESRStage:
             raise StageError("gesr: score() called before fit()")
         b, n = candidates.shape
         step = max(1, self.config.score_chunk_pairs // max(n, 1))
-        score = self._scorer()
         if b <= step:
-            return score(batch, candidates).float()
+            return self._scorer()(batch, candidates).float()
         parts = []
         for lo in range(0, b, step):
             rows = torch.arange(lo, min(lo + step, b), device=candidates.device)
-            parts.append(score(batch.select(rows), candidates[lo : lo + step]))
+            parts.append(self._scorer()(batch.select(rows), candidates[lo : lo + step]))
         return torch.cat(parts).float()
 
     def _scorer(self) -> Callable[[RequestBatch, Tensor], Tensor]:
@@ -263,7 +262,7 @@ class GESRStage:
             def guarded(batch: RequestBatch, cand: Tensor) -> Tensor:
                 try:
                     return compiled(batch, cand)
-                except Exception as e:  # noqa: BLE001 - any backend failure: serve eagerly
+                except torch._dynamo.exc.BackendCompilerFailed as e:  # no compiler, say: serve eagerly
                     print(
                         f"gesr: torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
                         "scoring without compilation",

@@ -38,7 +38,7 @@ import torch
 from cascade.data.dataset import Dataset
 from cascade.data.splits import Split, SplitConfig, make_split, training_requests
 from cascade.data.traffic import Traffic
-from cascade.pipeline import Budgets, Pipeline, resolve_budgets, stage_label
+from cascade.pipeline import DEFAULT_ESR_SHARE, Budgets, Pipeline, resolve_budgets, stage_label
 from cascade.stages.base import FitContext, StageError, resolve_stage_class
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -146,6 +146,9 @@ class RunConfig:
     retrieval_k: int | None = None  # budgets; None: default for the catalogue
     esr_k: int | None = None
     final_k: int = 10
+    # without esr_k: the ESR keeps this share of what retrieval passes on (0.25; the ablation
+    # uses 0.1, a cut that binds, as in the paper's cascade of hundreds -> tens)
+    esr_share: float = DEFAULT_ESR_SHARE
     index: str | None = None  # FAISS index_factory string for the retrieval stage
     exclude_seen: bool | None = None  # None: exclude unless the training log has repeats
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -182,6 +185,10 @@ class RunConfig:
         _int(self.esr_k, "budgets.esr", minimum=2, optional=True)
         _int(self.final_k, "budgets.final", minimum=1)
         _int(self.reference_requests, "RunConfig.reference_requests", minimum=0)
+        if isinstance(self.esr_share, bool) or not isinstance(self.esr_share, (int, float)) or not (
+            0.0 < self.esr_share < 1.0
+        ):
+            raise ValueError(f"budgets.esr_share must be a number in (0, 1), got {self.esr_share!r}")
         ks = [(n, v) for n, v in (("retrieval", self.retrieval_k), ("esr", self.esr_k),
                                   ("final", self.final_k)) if v is not None]
         for (_, v1), (_, v2) in itertools.pairwise(ks):
@@ -254,8 +261,9 @@ class RunConfig:
             b = d["budgets"]
             if not isinstance(b, Mapping):
                 raise ValueError(f"{where}: budgets must be a table, got {b!r}")
-            _check_keys(b, ("retrieval", "esr", "final"), f"{where}: budgets")
-            for k, f in (("retrieval", "retrieval_k"), ("esr", "esr_k"), ("final", "final_k")):
+            _check_keys(b, ("retrieval", "esr", "final", "esr_share"), f"{where}: budgets")
+            for k, f in (("retrieval", "retrieval_k"), ("esr", "esr_k"), ("final", "final_k"),
+                         ("esr_share", "esr_share")):
                 if k in b:
                     kw[f] = b[k]
         for k in ("retrieval", "esr", "lsr", "esr_baseline"):
@@ -311,7 +319,8 @@ class RunConfig:
             "bootstrap": self.bootstrap,
             "data_options": dict(self.data_options) or None,
             "split": {k: v for k, v in dataclasses.asdict(self.split).items() if v is not None},
-            "budgets": {"retrieval": self.retrieval_k, "esr": self.esr_k, "final": self.final_k},
+            "budgets": {"retrieval": self.retrieval_k, "esr": self.esr_k, "final": self.final_k,
+                        "esr_share": self.esr_share},
             "retrieval": self.retrieval.to_dict(),
             "lsr": self.lsr.to_dict(),
         }
@@ -715,8 +724,11 @@ def run_experiment(
     )
 
     # 3. budgets and run-level settings, before any training
-    budgets = resolve_budgets(ds.n_items, retrieval=cfg.retrieval_k, esr=cfg.esr_k, final=cfg.final_k)
+    budgets = resolve_budgets(ds.n_items, retrieval=cfg.retrieval_k, esr=cfg.esr_k, final=cfg.final_k,
+                              esr_share=cfg.esr_share)
     defaults = "" if cfg.retrieval_k and cfg.esr_k else f" (defaults for {ds.n_items:,} items)"
+    if cfg.esr_k is None and cfg.esr_share != DEFAULT_ESR_SHARE:
+        defaults += f" (the ESR keeps {cfg.esr_share:.0%} of the retrieved candidates)"
     say(f"budgets: {budgets.describe()}{defaults}")
     exclude_seen = cfg.exclude_seen
     if exclude_seen is None:

@@ -11,6 +11,8 @@ misbehaving stage fails with its own name, and every stage is timed with a monot
 
 from __future__ import annotations
 
+import math
+
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,26 +68,32 @@ def _round_nice(x: float) -> int:
     return max(1, round(x / step) * step)
 
 
-def default_budgets(n_items: int, *, final: int = 10) -> Budgets:
+DEFAULT_ESR_SHARE = 0.25
+
+
+def default_budgets(n_items: int, *, final: int = 10, esr_share: float = DEFAULT_ESR_SHARE) -> Budgets:
     """Budgets under which every stage matters: retrieval passes on about 15% of the catalogue
-    (between 50 and 1000 items, never more than half of a small catalogue), the ESR about a
-    quarter of that (at least 2 x final), the LSR `final`."""
-    return resolve_budgets(n_items, final=final)
+    (between 50 and 1000 items, never more than half of a small catalogue), the ESR `esr_share`
+    of that (a quarter by default; at least 2 x final), the LSR `final`."""
+    return resolve_budgets(n_items, final=final, esr_share=esr_share)
 
 
 def resolve_budgets(
-    n_items: int, *, retrieval: int | None = None, esr: int | None = None, final: int | None = None
+    n_items: int, *, retrieval: int | None = None, esr: int | None = None, final: int | None = None,
+    esr_share: float = DEFAULT_ESR_SHARE,
 ) -> Budgets:
     """Budgets with the given values and the defaults of `default_budgets` for the rest, checked
     against the catalogue. A default never contradicts a given value (e.g. an explicit esr
-    budget above the default retrieval one raises retrieval to 4 x esr)."""
+    budget above the default retrieval one raises retrieval to esr / esr_share)."""
+    if not 0.0 < esr_share < 1.0:
+        raise ValueError(f"budgets.esr_share must be in (0, 1), got {esr_share!r}")
     final = 10 if final is None else final
     r = retrieval
     if r is None:
         r = min(max(_round_nice(0.15 * n_items), 50), 1000, n_items // 2)
         if esr is not None and r <= esr:
-            r = min(n_items, 4 * esr)
-    e = esr if esr is not None else min(max(_round_nice(r / 4), 2 * final), r - 1)
+            r = min(n_items, math.ceil(esr / esr_share))
+    e = esr if esr is not None else min(max(_round_nice(r * esr_share), 2 * final), r - 1)
     try:
         return Budgets(retrieval=r, esr=e, final=final).check_catalogue(n_items)
     except ValueError as err:

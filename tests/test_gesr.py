@@ -384,6 +384,40 @@ def test_ablation_command_end_to_end(tmp_path: Path):
         assert share == {"oracle": None, "oracle-dot": None}
     md = (out / "ablation.md").read_text()
     assert md.count("\n| ") == 9 and "+MLPG (full GESR)" in md  # header + 8 rows
+    # no budgets given: the ESR keeps a tenth of the retrieved candidates (a cut that binds),
+    # not the run's default quarter (on this tiny catalogue both hit the 2 x final floor)
+    from cascade.pipeline import resolve_budgets
+
+    n_items = metrics["data"]["n_items"]
+    assert record["budgets"] == resolve_budgets(n_items, esr_share=0.1).as_dict()
+    assert "esr_share = 0.1" in (out / "config.toml").read_text()
+    assert record["no_esr_cut"] is None  # the TOML turned the oracle pass off
+
+
+def test_ablation_budgets_from_flags_and_toml(tmp_path: Path):
+    from cascade.commands.ablation import build_ablation_config
+
+    assert build_ablation_config(None, {}).esr_share == 0.1
+    cfg = build_ablation_config(None, {"esr_k": 30, "retrieval_k": 300})
+    assert (cfg.retrieval_k, cfg.esr_k) == (300, 30)
+    toml = tmp_path / "a.toml"
+    toml.write_text('data = "synthetic:tiny"\n[budgets]\nesr_share = 0.2\nfinal = 5\n')
+    cfg = build_ablation_config(toml, {})
+    assert (cfg.esr_share, cfg.final_k, cfg.esr_k) == (0.2, 5, None)
+    assert build_ablation_config(toml, {"esr_k": 12}).esr_k == 12
+
+
+def test_ablation_markdown_states_the_no_cut_ceiling():
+    from cascade.commands.ablation import ablation_markdown, no_esr_cut
+
+    oracle = {"hr@10": 0.5645, "ndcg@10": 0.4173, "mrr": 0.37}
+    metrics = {"name": "x", "data": {"name": "d", "n_items": 9, "n_requests": 3}, "device": "cpu",
+               "budgets": {"retrieval": 8, "esr": 4, "final": 2},
+               "variants": {"a": {"funnel_loss": None}, "b": {"funnel_loss": {"oracle": oracle}}}}
+    assert no_esr_cut(metrics) == oracle
+    assert "no ESR cut) gets HR@10 0.5645, NDCG@10 0.4173" in ablation_markdown(metrics, [])
+    metrics["variants"]["b"]["funnel_loss"] = None
+    assert no_esr_cut(metrics) is None and "no ESR cut" not in ablation_markdown(metrics, [])
 
 
 def test_ablation_command_rejects_esr_keys(tmp_path: Path):

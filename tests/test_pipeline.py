@@ -117,6 +117,30 @@ def test_default_budgets_ml100k_and_partial_overrides():
         default_budgets(20)
 
 
+def test_esr_share_sets_the_default_esr_budget():
+    # the ablation's binding cut: the ESR keeps a tenth of what retrieval passes on
+    assert resolve_budgets(3000, esr_share=0.1) == Budgets(450, 45, 10)
+    assert resolve_budgets(3000) == Budgets(450, 110, 10)
+    assert resolve_budgets(1682, esr_share=0.1) == Budgets(250, 25, 10)
+    assert resolve_budgets(1682, esr_share=0.05) == Budgets(250, 20, 10)  # at least 2 x final
+    assert resolve_budgets(3000, esr=60, esr_share=0.1) == Budgets(450, 60, 10)  # given wins
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="esr_share"):
+            resolve_budgets(3000, esr_share=bad)
+
+
+def test_run_config_reads_esr_share_from_the_budgets_table(tmp_path):
+    cfg = RunConfig.from_dict({"budgets": {"esr_share": 0.1}})
+    assert cfg.esr_share == 0.1 and cfg.esr_k is None
+    saved = tmp_path / "config.toml"
+    saved.write_text(cfg.to_toml())
+    assert RunConfig.load(saved).esr_share == 0.1  # survives the saved config
+    assert RunConfig().esr_share == 0.25
+    for bad in (0, 1.5, "a tenth", True):
+        with pytest.raises(ValueError, match="budgets.esr_share"):
+            RunConfig.from_dict({"budgets": {"esr_share": bad}})
+
+
 def test_bad_budgets_are_rejected_before_any_training(planted, tmp_path):
     cfg = toy_config(tmp_path, retrieval_k=500, esr_k=50)  # 500 > 240 items
     with pytest.raises(ValueError, match="exceeds the catalogue of 240"):

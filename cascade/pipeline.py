@@ -12,7 +12,6 @@ misbehaving stage fails with its own name, and every stage is timed with a monot
 from __future__ import annotations
 
 import math
-
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass

@@ -24,10 +24,11 @@ cross signal that the row recovers: (row - oracle-dot) / (oracle - oracle-dot) i
 (0% = no better than the best decoupled ranker, 100% = as good as the truth).
 
 Each row: ESR recall@K, final HR@10 / NDCG@10 (with paired deltas vs two-tower), ESR latency
-p50 / p99 per batch, funnel throughput. Unless a budget is given (`[budgets]`, `--esr-k`), the
-ESR keeps a tenth of the retrieved candidates (`ESR_SHARE`), so that its cut binds; the table's
-header gives the LSR over every retrieved candidate (no ESR cut), which shows whether it does. Written as `ablation.md` and `ablation.json` (atomically)
-into the run folder, beside the run's own records.
+p50 / p99 per batch, funnel throughput. Written as `ablation.md` and `ablation.json` (atomically)
+into the run folder, beside the run's own records. Unless a budget is given (`[budgets]`,
+`--esr-k`), the ESR keeps a tenth of the retrieved candidates (`ESR_SHARE`), so that its cut
+binds; the table's header gives the LSR over every retrieved candidate (no ESR cut), which shows
+whether it does.
 
 The TOML is a RunConfig (see `cascade.experiment`) plus three ablation keys: `gesr` (a table of
 GESRConfig overrides applied to every GESR row), `twotower` (TwoTowerConfig overrides of the

@@ -38,7 +38,9 @@ import torch
 from cascade.data.dataset import Dataset
 from cascade.data.splits import Split, SplitConfig, make_split, training_requests
 from cascade.data.traffic import Traffic
-from cascade.pipeline import DEFAULT_ESR_SHARE, Budgets, Pipeline, resolve_budgets, stage_label
+from cascade.pipeline import (
+    DEFAULT_ESR_SHARE, Budgets, Pipeline, check_esr_share, resolve_budgets, stage_label,
+)
 from cascade.stages.base import FitContext, StageError, resolve_stage_class
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -185,10 +187,7 @@ class RunConfig:
         _int(self.esr_k, "budgets.esr", minimum=2, optional=True)
         _int(self.final_k, "budgets.final", minimum=1)
         _int(self.reference_requests, "RunConfig.reference_requests", minimum=0)
-        if isinstance(self.esr_share, bool) or not isinstance(self.esr_share, (int, float)) or not (
-            0.0 < self.esr_share < 1.0
-        ):
-            raise ValueError(f"budgets.esr_share must be a number in (0, 1), got {self.esr_share!r}")
+        check_esr_share(self.esr_share)
         ks = [(n, v) for n, v in (("retrieval", self.retrieval_k), ("esr", self.esr_k),
                                   ("final", self.final_k)) if v is not None]
         for (_, v1), (_, v2) in itertools.pairwise(ks):
@@ -424,22 +423,23 @@ def _config_fields(stage: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(cc)} if cc and dataclasses.is_dataclass(cc) else set()
 
 
-def retrieval_overrides(cfg: RunConfig, spec: StageSpec, exclude_seen: bool) -> dict:
-    """The run-level settings (index, exclude_seen) passed into the retrieval stage's config,
-    when its config class has those fields."""
+def run_overrides(cfg: RunConfig, kind: str, spec: StageSpec, exclude_seen: bool) -> dict:
+    """The run-level settings passed into a stage's config when its config class has those
+    fields: `exclude_seen` (retrieval drops seen items; the LSR's validation ignores them, as the
+    run's metrics do) and, for retrieval, `index`."""
     try:
-        cc = getattr(resolve_stage_class("retrieval", spec.stage), "config_class", None)
+        cc = getattr(resolve_stage_class(kind, spec.stage), "config_class", None)
     except StageError:
         return {}
     names = {f.name for f in dataclasses.fields(cc)} if cc and dataclasses.is_dataclass(cc) else set()
     out: dict[str, Any] = {}
-    if "index" in names and cfg.index is not None:
+    if kind == "retrieval" and "index" in names and cfg.index is not None:
         out["index"] = cfg.index
     if "exclude_seen" in names:
         given = spec.config.get("exclude_seen")
         if given is not None and cfg.exclude_seen is not None and given != cfg.exclude_seen:
             raise ValueError(
-                f"exclude_seen is {cfg.exclude_seen} for the run but {given} in the retrieval "
+                f"exclude_seen is {cfg.exclude_seen} for the run but {given} in the {kind} "
                 "stage's config; set it in one place"
             )
         out["exclude_seen"] = given if given is not None else exclude_seen
@@ -704,10 +704,10 @@ def run_experiment(
     specs, primary, baseline = cfg.variant_specs()
 
     # 1. every stage resolves and its config builds, before any data is read
-    build_stage("retrieval", cfg.retrieval, retrieval_overrides(cfg, cfg.retrieval, True))
+    build_stage("retrieval", cfg.retrieval, run_overrides(cfg, "retrieval", cfg.retrieval, True))
     for label, spec in specs.items():
         build_stage("esr", spec)
-    lsr = build_stage("lsr", cfg.lsr)
+    build_stage("lsr", cfg.lsr, run_overrides(cfg, "lsr", cfg.lsr, True))
     esrs = {label: build_stage("esr", spec) for label, spec in specs.items()}
 
     out = Path(cfg.out).expanduser() if cfg.out else _default_out(name)
@@ -736,8 +736,9 @@ def run_experiment(
         exclude_seen = share < REPEAT_SHARE_FOR_EXCLUDE
         say(f"exclude_seen: {exclude_seen} ({share:.1%} of training events are repeats)")
     retriever = build_stage(
-        "retrieval", cfg.retrieval, retrieval_overrides(cfg, cfg.retrieval, exclude_seen)
+        "retrieval", cfg.retrieval, run_overrides(cfg, "retrieval", cfg.retrieval, exclude_seen)
     )
+    lsr = build_stage("lsr", cfg.lsr, run_overrides(cfg, "lsr", cfg.lsr, exclude_seen))
     resolved = cfg.replace(
         name=name, retrieval_k=budgets.retrieval, esr_k=budgets.esr, final_k=budgets.final,
         exclude_seen=exclude_seen, out=None,

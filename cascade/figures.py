@@ -17,7 +17,6 @@ drawing needs no display and leaves no global state behind. Files are written at
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -43,12 +42,9 @@ def _new_figure(width: float = 7.0, height: float = 4.2):
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
-    """`atomic_write_bytes`, then the permissions of an ordinary file (the temporary file it
-    renames is private to its owner), so reports and figures stay readable by others."""
-    from cascade.records import FILE_MODE
-
+    """`atomic_write_bytes` (which gives the file an ordinary file's permissions), returning
+    the path."""
     atomic_write_bytes(Path(path), data)
-    os.chmod(path, FILE_MODE)
     return Path(path)
 
 

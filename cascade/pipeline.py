@@ -70,6 +70,13 @@ def _round_nice(x: float) -> int:
 DEFAULT_ESR_SHARE = 0.25
 
 
+def check_esr_share(esr_share: object) -> None:
+    """Raise ValueError unless `esr_share` is a number in (0, 1)."""
+    ok = isinstance(esr_share, (int, float)) and not isinstance(esr_share, bool)
+    if not (ok and 0.0 < esr_share < 1.0):
+        raise ValueError(f"budgets.esr_share must be a number in (0, 1), got {esr_share!r}")
+
+
 def default_budgets(n_items: int, *, final: int = 10, esr_share: float = DEFAULT_ESR_SHARE) -> Budgets:
     """Budgets under which every stage matters: retrieval passes on about 15% of the catalogue
     (between 50 and 1000 items, never more than half of a small catalogue), the ESR `esr_share`
@@ -84,8 +91,7 @@ def resolve_budgets(
     """Budgets with the given values and the defaults of `default_budgets` for the rest, checked
     against the catalogue. A default never contradicts a given value (e.g. an explicit esr
     budget above the default retrieval one raises retrieval to esr / esr_share)."""
-    if not 0.0 < esr_share < 1.0:
-        raise ValueError(f"budgets.esr_share must be in (0, 1), got {esr_share!r}")
+    check_esr_share(esr_share)
     final = 10 if final is None else final
     r = retrieval
     if r is None:

@@ -179,7 +179,7 @@ def run_sweep(
     with all of `cfg`'s ESR choices, and return the points, the frontier and the choice under
     `budget_ms` (see the module docstring). `dataset` skips loading `cfg.data`."""
     from cascade.experiment import (
-        REPEAT_SHARE_FOR_EXCLUDE, build_stage, prepare, repeat_share, retrieval_overrides,
+        REPEAT_SHARE_FOR_EXCLUDE, build_stage, prepare, repeat_share, run_overrides,
         traffic_key,
     )
     from cascade.env import capture
@@ -193,9 +193,9 @@ def run_sweep(
     t_start = time.perf_counter()
     specs, primary, baseline = cfg.variant_specs()
     # every stage resolves before any data is read
-    build_stage("retrieval", cfg.retrieval, retrieval_overrides(cfg, cfg.retrieval, True))
+    build_stage("retrieval", cfg.retrieval, run_overrides(cfg, "retrieval", cfg.retrieval, True))
     esrs = {label: build_stage("esr", spec) for label, spec in specs.items()}
-    lsr = build_stage("lsr", cfg.lsr)
+    build_stage("lsr", cfg.lsr, run_overrides(cfg, "lsr", cfg.lsr, True))
 
     prepared = prepare(cfg, dataset=dataset, progress=progress)
     ds, split, ctx, test = prepared
@@ -204,8 +204,9 @@ def run_sweep(
     if exclude_seen is None:
         exclude_seen = repeat_share(split) < REPEAT_SHARE_FOR_EXCLUDE
     retriever = build_stage(
-        "retrieval", cfg.retrieval, retrieval_overrides(cfg, cfg.retrieval, exclude_seen)
+        "retrieval", cfg.retrieval, run_overrides(cfg, "retrieval", cfg.retrieval, exclude_seen)
     )
+    lsr = build_stage("lsr", cfg.lsr, run_overrides(cfg, "lsr", cfg.lsr, exclude_seen))
     say(f"sweep over {len(pairs)} budget pairs x {len(esrs)} ESR choice(s) on {ds.name} "
         f"({len(test):,} test requests)")
 

@@ -92,6 +92,9 @@ class LSRConfig:
     # `valid_candidates`, aligned with the full-catalogue reference) or "sampled_mrr"
     validation: str = "rerank_ndcg"
     valid_candidates: int = 100
+    # the validation leaves each request's seen items out; `cascade run` sets this to the
+    # run's exclude_seen (off on logs with many repeats), as for retrieval
+    exclude_seen: bool = True
     valid_requests: int = 2000
     score_chunk: int = 512  # candidates scored per request at a time in score / score_all
     # validation NDCG is noisy on ml-100k-sized logs: patience 2 stopped some seeds at epoch 5
@@ -112,6 +115,8 @@ class LSRConfig:
                 raise ValueError(f"LSRConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"LSRConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if not isinstance(self.exclude_seen, bool):
+            raise ValueError(f"LSRConfig.exclude_seen must be true or false, got {self.exclude_seen!r}")
         if self.validation not in ("rerank_ndcg", "sampled_mrr"):
             raise ValueError(
                 f"LSRConfig.validation must be 'rerank_ndcg' or 'sampled_mrr', got {self.validation!r}"
@@ -374,17 +379,20 @@ class LateStageRanker:
         def train() -> dict:
             return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="lsr", train=windows)
 
-        self.report = cached_fit(model, stage="lsr", config=cfg, ctx=ctx, train=train)
+        self.report = cached_fit(model, stage="lsr", config=cfg, ctx=ctx, train=train,
+                                 serving=("score_chunk",))
         model.eval()
         return self
 
     @torch.no_grad()
     def _rerank_ndcg(self, traffic, n_candidates: int) -> float:
-        """NDCG@10 of the full model re-ranking the generative head's top `n_candidates` unseen
-        items (a miss when the target is not among them): a cheap stand-in for full-catalogue
-        NDCG@10 with seen items excluded, the measure the LSR is judged on, that costs
-        n_candidates scores per request. Ties count against the target, as in
-        `cascade.metrics.ranks_from_scores`."""
+        """NDCG@10 of the full model re-ranking the generative head's top `n_candidates` items
+        (a miss when the target is not among them): a cheap stand-in for the full-catalogue
+        NDCG@10 the LSR is judged on, at n_candidates scores per request. With `exclude_seen`
+        (set by the run, like retrieval's) the request's whole history is left out, as the run's
+        reference does. Ranks and NDCG are `cascade.metrics`' (ties count against the target)."""
+        from cascade.metrics import ndcg, ranks_from_scores
+
         model = self._check_fitted()
         n_items = model.items.n_items
         keys = torch.cat(
@@ -393,23 +401,24 @@ class LateStageRanker:
                 for s in range(0, n_items, 65536)
             ]
         )  # (n_items, D)
-        total, count = 0.0, 0
+        per_request = []
         for batch in traffic.batches(256):
-            batch = recent_history(batch.to(self.device), model.width)
-            enc = model.encode(batch)
-            query = model.next_query(newest_output(enc.state.output, batch.hist_len) + enc.user)
-            head = exclude_history_(query @ keys.T, batch)
+            batch = batch.to(self.device)
+            short = recent_history(batch, model.width)  # what the encoder sees
+            enc = model.encode(short)
+            query = model.next_query(newest_output(enc.state.output, short.hist_len) + enc.user)
+            head = query @ keys.T
+            if self.config.exclude_seen:
+                exclude_history_(head, batch)
             top = head.topk(min(n_candidates, n_items), dim=1)
             # a request with fewer unseen items than n_candidates gets some seen ones (-inf):
-            # they never outrank the target
+            # they never outrank the target, and a seen target is a miss
             scores = model.score_with(enc, top.indices).masked_fill(~torch.isfinite(top.values), -math.inf)
             is_t = top.indices == batch.targets[:, :1]
-            t_score = torch.where(is_t, scores, torch.full_like(scores, -math.inf)).max(1).values
-            rank = (scores > t_score[:, None]).sum(1) + (scores == t_score[:, None]).sum(1) - 1
-            hit = is_t.any(1) & (rank < 10)
-            total += float((hit.float() / torch.log2(rank.clamp(min=0).float() + 2)).sum())
-            count += len(batch)
-        return total / max(count, 1)
+            col = torch.where(is_t.any(1), is_t.float().argmax(1), -1)  # -1: not among them
+            ranks = ranks_from_scores(scores.cpu().numpy(), col[:, None].cpu().numpy())  # (B, 1)
+            per_request.append(ndcg(ranks, k=10))
+        return float(np.concatenate(per_request).mean()) if per_request else 0.0
 
     def _score_model(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         assert self.model is not None

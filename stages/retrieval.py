@@ -39,7 +39,7 @@ user encoder (Kang & McAuley, ICDM 2018):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -316,9 +316,8 @@ class TwoTowerRetriever:
             )
 
         # serving-only fields do not change the trained weights: switching the index reuses them
-        trained_by = {k: v for k, v in asdict(cfg).items() if k not in SERVING_FIELDS}
         self.report = cached_fit(
-            model, stage="retrieval-twotower", config=trained_by, ctx=ctx, train=train
+            model, stage="retrieval-twotower", config=cfg, ctx=ctx, train=train, serving=SERVING_FIELDS
         )
         model.eval()
         self._build_index()

@@ -121,9 +121,14 @@ def cached_fit(
     config: Any,
     ctx: FitContext,
     train: Callable[[], dict],
+    serving: tuple[str, ...] = (),
 ) -> dict:
     """Load `model`'s weights from the cache, or run `train()` (which fits `model` in place and
-    returns a JSON-able report) and cache them. Returns the report, with "cached" set."""
+    returns a JSON-able report) and cache them. Returns the report, with "cached" set.
+    `serving` names config fields that only change how the trained model is served (an index,
+    a chunk size): they are left out of the key, so changing them reuses the checkpoint."""
+    if serving:
+        config = {k: v for k, v in _jsonable(config).items() if k not in serving}
     path = None
     if ctx.cache_dir is not None:
         path = Path(ctx.cache_dir) / f"{stage}-{cache_key(stage, config, ctx)}"

@@ -474,3 +474,40 @@ def test_atomic_writes_publish_whole_files_with_ordinary_modes(tmp_path):
     assert target.read_bytes() == b"new"
     assert stat.S_IMODE(target.stat().st_mode) == FILE_MODE  # not mkstemp's private 0600
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]  # no temporaries left
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_lsr_validation_ndcg_is_the_full_catalogue_ndcg_when_it_reranks_everything(
+    lsr, test_traffic, exclude_seen
+):
+    """The LSR's early-stopping metric re-ranks the generative head's top n items; with n = the
+    catalogue it must equal the run's full-catalogue NDCG@10 of the same model (cascade.replay,
+    cascade.metrics), seen items excluded or not as the run says."""
+    import copy
+    import dataclasses
+
+    from cascade.metrics import ndcg
+    from cascade.replay import full_catalogue_ranks
+
+    stage = copy.copy(lsr)
+    stage.config = dataclasses.replace(lsr.config, exclude_seen=exclude_seen)
+    n_items = test_traffic.dataset.n_items
+    ranks = full_catalogue_ranks(stage.score_all, test_traffic, exclude_seen=exclude_seen)
+    want = float(ndcg(ranks[:, :1], k=10).mean())
+    assert want > 0
+    assert stage._rerank_ndcg(test_traffic, n_items) == pytest.approx(want, abs=1e-6)
+    # fewer candidates can only lose targets the head ranks low
+    assert stage._rerank_ndcg(test_traffic, 5) <= want + 1e-9
+
+
+def test_the_run_passes_exclude_seen_to_the_lsr_as_to_retrieval():
+    from cascade.experiment import RunConfig, StageSpec, run_overrides
+
+    cfg = RunConfig(index="IVF4,Flat")
+    assert run_overrides(cfg, "lsr", StageSpec(stage="lsr"), False) == {"exclude_seen": False}
+    assert run_overrides(cfg, "retrieval", StageSpec(stage="twotower"), True) == {
+        "index": "IVF4,Flat", "exclude_seen": True}
+    assert run_overrides(cfg, "esr", StageSpec(stage="twotower"), False) == {}  # no such field
+    with pytest.raises(ValueError, match="exclude_seen is False for the run but True in the lsr"):
+        run_overrides(RunConfig(exclude_seen=False), "lsr",
+                      StageSpec(stage="lsr", config={"exclude_seen": True}), False)

@@ -34,7 +34,6 @@ interest-matched negatives need categories.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from typing import Callable
@@ -227,8 +226,8 @@ class GESRStage:
             report["parameters"] = sum(p.numel() for p in model.parameters())
             return report
 
-        key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SERVING_ONLY}
-        self.report = cached_fit(model, stage=f"esr-gesr-{MODEL_VERSION}", config=key, ctx=ctx, train=train)
+        self.report = cached_fit(model, stage=f"esr-gesr-{MODEL_VERSION}", config=cfg, ctx=ctx,
+                                 train=train, serving=SERVING_ONLY)
         model.to(ctx.device).eval()
         model.cache_items()
         self.model = model

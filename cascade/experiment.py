@@ -680,7 +680,9 @@ def variant_metrics(
 
 
 def _default_out(name: str) -> Path:
-    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+    """runs/<date-time to the millisecond>-<name>; `write_run(unique=True)` adds -2, -3, ...
+    when two runs still pick the same name."""
+    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S-%f')[:-3]}-{name}"
 
 
 def run_experiment(
@@ -851,6 +853,7 @@ def run_experiment(
             latency=rep.latency,
             env=capture(),
             finish=_report_writer(say),
+            unique=not cfg.out,
         )
     return RunResult(resolved, path, metrics, frame, rep.latency, budgets, fits)
 

@@ -9,11 +9,20 @@ Layout (format "cascade-run/1"):
     report.md, figures/ written by `cascade.report` when it is installed
 
 The folder is written atomically: everything goes into a temporary folder beside the target,
-which is renamed into place at the end, so a crash never leaves a half-written run.
+which is renamed into place at the end, so a crash never leaves a half-written run. A run folder
+carries a marker file (`.cascade-run`) that cascade writes; `--out` replaces only a folder that
+holds that marker and nothing but run files, so a user's own folder is never deleted. Replacing
+an earlier run swaps the two folders in one step (Linux `renameat2(RENAME_EXCHANGE)`), so the old
+run is there until the new one is; where the kernel cannot swap, the old run is moved aside first
+and put back if the rename fails. Temporary folders left by a killed run are removed by the next
+run that writes beside them.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import json
 import math
 import os
@@ -33,6 +42,9 @@ DIR_MODE = 0o777 & ~_UMASK
 
 FORMAT = "cascade-run/1"
 RUN_FILES = ("config.toml", "metrics.json", "requests.parquet", "latency.parquet", "env.json")
+MARKER = ".cascade-run"  # written by cascade into every run folder; its presence makes it one
+# what a run folder may hold besides RUN_FILES; a folder with anything else is not replaced
+RUN_EXTRAS = (MARKER, "report.md", "figures", "ablation.md", "ablation.json")
 
 
 class RunFormatError(ValueError):
@@ -125,17 +137,110 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
 
 
+def is_run_folder(path: Path) -> bool:
+    """True when `path` is a folder cascade wrote as a run: it holds the marker and nothing
+    but run files (a user's notes inside a run folder keep it from being replaced)."""
+    if not path.is_dir() or path.is_symlink() or not (path / MARKER).is_file():
+        return False
+    allowed = set(RUN_FILES) | set(RUN_EXTRAS)
+    return all(p.name in allowed for p in path.iterdir())
+
+
 def check_target(path: Path) -> None:
-    """Refuse to write a run over a folder that holds something other than a run."""
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"--out {path}: exists and is not a folder")
-        entries = [p.name for p in path.iterdir()]
-        if entries and "metrics.json" not in entries:
-            raise ValueError(
-                f"--out {path}: folder exists, is not empty and is not a cascade run; "
-                "refusing to overwrite it"
-            )
+    """Refuse, before any work, an `--out` that cascade may not write: a file, a folder that
+    holds something other than a cascade run, or a place it cannot write to."""
+    path = Path(path).expanduser()
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ValueError(f"--out {path}: exists and is not a folder")
+    if path.exists() and any(path.iterdir()) and not is_run_folder(path):
+        raise ValueError(
+            f"--out {path}: folder exists, is not empty and is not a cascade run (no "
+            f"{MARKER} marker, or files cascade did not write); refusing to overwrite it"
+        )
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: cannot write in {parent} (permission denied)")
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE). False when the
+    platform or file system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary folders and files (`.<name>.<pid>.<random>.tmp`) that a killed
+    cascade process left in `folder`; those of live processes are kept. Returns what was
+    removed."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        parts = p.name.split(".")
+        if not (p.name.startswith(".") and p.name.endswith(".tmp") and len(parts) >= 5):
+            continue
+        try:
+            pid = int(parts[-3])
+        except ValueError:
+            continue
+        if _pid_alive(pid) and pid != 0:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def temporary_name(path: Path) -> str:
+    """The prefix of a temporary sibling of `path`: `.<name>.<pid>.` (random part and `.tmp`
+    follow), recognised by `clean_stale_temporaries`."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _claim_unique(path: Path) -> Path:
+    """Create an empty folder at `path`, or at `path-2`, `path-3`, ... when taken. Creating it
+    is the claim, so two runs started at once never pick the same name."""
+    n = 1
+    while True:
+        cand = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            cand.mkdir(parents=True)
+            return cand
+        except FileExistsError:
+            n += 1
 
 
 def write_run(
@@ -147,14 +252,19 @@ def write_run(
     latency: pl.DataFrame,
     env: Mapping[str, Any],
     finish: Callable[[Path], None] | None = None,
+    unique: bool = False,
 ) -> Path:
-    """Write a run folder atomically at `path` (replacing an earlier run there). `finish(tmp)` may
-    add files (report, figures) to the temporary folder before it is moved into place."""
+    """Write a run folder atomically at `path` (replacing an earlier run there) and return where
+    it went. `finish(tmp)` may add files (report, figures) to the temporary folder before it is
+    moved into place. With `unique`, an existing `path` is never replaced: the run goes to
+    `path-2`, `path-3`, ... instead (default run names)."""
     path = Path(path).expanduser()
     check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    clean_stale_temporaries(path.parent)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_name(path), suffix=".tmp"))
     try:
+        (tmp / MARKER).write_text(FORMAT + "\n")
         (tmp / "config.toml").write_text(config_toml)
         (tmp / "metrics.json").write_text(dumps_json({"format": FORMAT, **metrics}))
         requests.write_parquet(tmp / "requests.parquet")
@@ -167,17 +277,39 @@ def write_run(
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes a private folder; a run folder is an output
-        old = None
-        if path.exists():  # replace an earlier run: move it aside, move the new one in, drop it
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if unique:
+            path = _claim_unique(path)  # an empty folder of ours: the rename replaces it
+            os.rename(tmp, path)
+        else:
+            _publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Move the finished run `tmp` to `path`, replacing an earlier run there (checked again
+    here: the folder may have changed while the run was computed)."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    check_target(path)
+    if not any(path.iterdir()):
+        os.rename(tmp, path)  # an empty folder is replaced by the rename itself
+        return
+    if _exchange(tmp, path):  # the new run is at `path`, the old one at `tmp`
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_name(path), suffix=".tmp"))
+    os.rename(path, aside / "old")
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(aside / "old", path)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 # ---- reading -------------------------------------------------------------------------------------

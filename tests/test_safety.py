@@ -1,0 +1,87 @@
+"""Regression tests for what must never happen to a user (issue 15): a folder of theirs deleted,
+a run silently replaced, code imported from the folder they run cascade in without their naming
+it. The data-loss test comes first."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from cascade.cli import app
+from cascade.records import MARKER, clean_stale_temporaries, is_run_folder, load_run, write_run
+
+FRAME = pl.DataFrame({"a": [1]})
+
+
+def _write(path: Path, name: str = "r", **kw) -> Path:
+    return write_run(path, config_toml="", metrics={"name": name}, requests=FRAME, latency=FRAME,
+                     env={}, **kw)
+
+
+def test_out_never_deletes_a_user_folder_holding_metrics_json(tmp_path):
+    mine = tmp_path / "project"
+    (mine / "src").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "src" / "train.py").write_text("print('mine')")
+    (mine / "metrics.json").write_text("{}")
+    res = CliRunner().invoke(app, ["run", "--data", "synthetic:tiny", "--out", str(mine),
+                                   "--no-progress", "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 2, res.output
+    assert "refusing to overwrite" in res.output
+    assert (mine / "notes.txt").read_text() == "my notes"
+    assert (mine / "src" / "train.py").read_text() == "print('mine')"
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        _write(mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.json", "notes.txt", "src"]
+
+
+def test_a_run_folder_is_recognised_by_its_marker_not_by_a_file_name(tmp_path):
+    run = _write(tmp_path / "run", "first")
+    assert (run / MARKER).is_file() and is_run_folder(run)
+    _write(run, "second")  # replacing a run of ours is allowed
+    assert load_run(run).name == "second"
+    (run / "my-notes.txt").write_text("keep me")  # a user's file inside a run folder
+    assert not is_run_folder(run)
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        _write(run, "third")
+    assert (run / "my-notes.txt").read_text() == "keep me" and load_run(run).name == "second"
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "metrics.json").write_text(json.dumps({"format": "cascade-run/1"}))
+    assert not is_run_folder(fake)
+
+
+def test_replacing_a_run_leaves_no_temporary_and_keeps_the_new_run(tmp_path):
+    run = _write(tmp_path / "run", "old")
+    _write(run, "new")
+    assert load_run(run).name == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_default_run_names_never_collide(tmp_path):
+    a = _write(tmp_path / "same", "a", unique=True)
+    b = _write(tmp_path / "same", "b", unique=True)
+    assert a != b and b.name == "same-2"
+    assert load_run(a).name == "a" and load_run(b).name == "b"
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".run.{pid}.abc123.tmp"
+    stale.mkdir()
+    (stale / "metrics.json").write_text("{}")
+    live = tmp_path / f".run.{os.getpid()}.def456.tmp"
+    live.mkdir()
+    user_file = tmp_path / ".hidden.tmp"  # not ours: no pid field
+    user_file.write_text("x")
+    removed = clean_stale_temporaries(tmp_path)
+    assert removed == [stale] and not stale.exists()
+    assert live.exists() and user_file.exists()

@@ -174,6 +174,16 @@ class Pipeline:
             raise StageError(
                 f"stage {name!r} returned {int(bad.sum())} ids outside the catalogue [0, {n_items})"
             )
+        ordered = ids.sort(dim=1).values
+        dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+        if bool(dup.any()):
+            row = int(dup.any(1).nonzero()[0, 0])
+            item = int(ordered[row, 1:][dup[row]][0])
+            raise StageError(
+                f"stage {name!r} returned item {item} more than once for request {row} of the "
+                f"batch ({int(dup.sum())} duplicate ids in all); a retriever must return distinct "
+                "ids (pad with -1 when fewer exist)"
+            )
         return ids.long()
 
     def _rank(self, kind: str, label: str, ranker: Ranker, batch: RequestBatch, cand: Tensor, k: int):

@@ -333,6 +333,28 @@ def test_retrieval_output_is_checked(fitted):
         Pipeline(bad, {"pop": pop}, pop, Budgets(40, 20, 10)).run_batch(batch, n_items=240)
 
 
+def test_retrieval_duplicate_ids_are_rejected(fitted):
+    """A retriever returning one id several times would let metrics count it twice (issue 15)."""
+    prep, _, pop = fitted
+
+    class Repeats(CoocRetriever):
+        name = "repeats"
+
+        def retrieve(self, batch, k):
+            c = super().retrieve(batch, k)
+            ids = c.ids.clone()
+            ids[1, 5] = ids[1, 0]
+            return type(c)(ids=ids, scores=c.scores)
+
+    bad = Repeats().fit(prep.ctx)
+    batch = prep.test.batch(slice(0, 4))
+    with pytest.raises(StageError, match="repeats.*more than once for request 1"):
+        Pipeline(bad, {"pop": pop}, pop, Budgets(40, 20, 10)).run_batch(batch, n_items=240)
+    good = CoocRetriever().fit(prep.ctx)  # -1 padding may repeat; real ids may not
+    out = Pipeline(good, {"pop": pop}, pop, Budgets(40, 20, 10)).run_batch(batch, n_items=240)
+    assert out.retrieved.shape == (4, 40)
+
+
 def test_padding_from_retrieval_is_ranked_last(fitted):
     prep, _, pop = fitted
 

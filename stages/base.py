@@ -8,12 +8,16 @@ Both are fitted on the training split via a `FitContext` and return `self` from 
 
 Stages are found by name in a registry filled with `@register("esr", "twotower")`, by a
 `"package.module:Class"` string, or through the `cascade.stages` entry-point group
-(`name = "package.module:Class"`). An unknown name is an error listing the known ones.
+(`name = "package.module:Class"`). An unknown name is an error listing the known ones. A
+`module:Class` whose module sits in the current directory is loaded from there; nothing else is
+ever imported from the current directory.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -119,12 +123,36 @@ def known_stages(kind: str) -> list[str]:
     return sorted(names)
 
 
+def _import_module(mod_name: str):
+    """Import `mod_name`. When its top-level name is a module or package in the current
+    directory (and not imported yet), that file is loaded, as `python -m` would find it, but the
+    current directory is never put on `sys.path`: nothing else is imported from it."""
+    top = mod_name.split(".")[0]
+    if top.isidentifier() and top not in sys.modules:
+        here = Path.cwd()
+        package, module = here / top / "__init__.py", here / f"{top}.py"
+        location = package if package.is_file() else module if module.is_file() else None
+        if location is not None:
+            spec = importlib.util.spec_from_file_location(
+                top, location,
+                submodule_search_locations=[str(here / top)] if location == package else None,
+            )
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[top] = loaded
+            try:
+                spec.loader.exec_module(loaded)
+            except BaseException:
+                sys.modules.pop(top, None)
+                raise
+    return importlib.import_module(mod_name)
+
+
 def _import_path(spec: str) -> type:
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         raise StageError(f"stage plugin {spec!r} must look like 'package.module:Class'")
     try:
-        mod = importlib.import_module(mod_name)
+        mod = _import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's plugin's
         raise StageError(f"stage plugin {spec!r}: cannot import module {mod_name!r}: {e}") from e
     try:

@@ -85,3 +85,67 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     removed = clean_stale_temporaries(tmp_path)
     assert removed == [stale] and not stale.exists()
     assert live.exists() and user_file.exists()
+
+
+# ---- nothing is imported from the current directory unless named (defect 3) ----------------------
+
+CANARIES = ("faiss", "scipy", "sklearn", "matplotlib", "polars", "numpy", "pyarrow", "rich",
+            "typer", "threadpoolctl", "joblib", "triton", "torch", "tomllib", "report", "figures",
+            "stages", "data", "kernels", "cascade_plugin_helper")
+
+PLUGIN = textwrap.dedent('''
+    import pathlib
+    pathlib.Path("imported-myesr").write_text("named")
+
+    import torch
+
+
+    class Ranker:
+        name = "myesr"
+
+        def fit(self, ctx):
+            return self
+
+        def score(self, batch, candidates):
+            return -candidates.float()
+''')
+
+
+def _cascade_command() -> list[str]:
+    """The installed console script (sys.path[0] is its own folder, as for a user); `-P` keeps
+    the current directory off sys.path where it is not installed."""
+    import shutil
+
+    script = shutil.which("cascade")
+    return [script] if script else [sys.executable, "-P", "-m", "cascade.cli"]
+
+
+def test_only_the_named_plugin_module_is_imported_from_the_current_directory(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in CANARIES:
+        (work / f"{name}.py").write_text(
+            f"import pathlib\npathlib.Path({f'imported-{name}'!r}).write_text('canary')\n"
+            "raise SystemExit('canary imported')\n"
+        )
+    (work / "myesr.py").write_text(PLUGIN)
+    (work / "run.toml").write_text(textwrap.dedent('''
+        data = "synthetic:tiny"
+        retrieval = {stage = "twotower", config = {train = {epochs = 1, max_steps_per_epoch = 5}}}
+        esr = "myesr:Ranker"
+        esr_baseline = {stage = "twotower", config = {train = {epochs = 1, max_steps_per_epoch = 5}}}
+        lsr = {stage = "lsr", config = {train = {epochs = 1, max_steps_per_epoch = 5}}}
+        reference_requests = 50
+        [split]
+        max_requests = 100
+    '''))
+    env = {**os.environ, "CASCADE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": ""}
+    res = subprocess.run(
+        [*_cascade_command(), "run", "--config", "run.toml", "--out", str(tmp_path / "out"),
+         "--no-progress"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    imported = sorted(p.name for p in work.glob("imported-*"))
+    assert imported == ["imported-myesr"], imported
+    assert load_run(tmp_path / "out").metrics["stages"]["esr"]["Ranker"]["stage"] == "myesr:Ranker"

@@ -147,14 +147,9 @@ def sweep(
     Every stage is fitted once and the test traffic replayed per budget pair. Prints NDCG@10
     against full-funnel p99 latency, the non-dominated frontier and, with --p99-ms, the best
     configuration whose p99 stays under that budget."""
-    import os
-    import sys
-
     from cascade import sweep as sw
     from cascade.commands.run import build_config
 
-    if os.getcwd() not in sys.path and "" not in sys.path:  # 'module:Class' from the cwd
-        sys.path.insert(0, os.getcwd())
     err = typer.echo if fmt is Format.table else (lambda m: typer.echo(m, err=True))
     with _clean_errors():
         r_ks = _ints(retrieval_k, "--retrieval-k")

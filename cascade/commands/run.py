@@ -9,8 +9,6 @@ baseline, the paired delta (variant - baseline) with its bootstrap 95% interval.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -191,13 +189,10 @@ def build_config(
 
 def execute(make_config: Callable[[], Any], no_progress: bool) -> tuple[Console, Any]:
     """Build the config and run the experiment, as `cascade run` and `cascade ablation` do:
-    plugins importable from the current directory, log lines (the budgets always), and bad
+    log lines (the budgets always), and bad
     input as one red line with exit code 2. Returns (console, RunResult)."""
     from cascade.experiment import run_experiment
 
-    # like `python -m`, let 'module:Class' plugins be found in the current directory
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     console = Console()
 
     def log(msg: str) -> None:

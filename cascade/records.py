@@ -35,10 +35,7 @@ from typing import Any
 
 import polars as pl
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK  # what open() would have given: mkstemp / mkdtemp are private
-DIR_MODE = 0o777 & ~_UMASK
+from cascade.util.fsio import DIR_MODE, FILE_MODE, clean_stale_temporaries, temporary_prefix
 
 FORMAT = "cascade-run/1"
 RUN_FILES = ("config.toml", "metrics.json", "requests.parquet", "latency.parquet", "env.json")
@@ -189,47 +186,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporary folders and files (`.<name>.<pid>.<random>.tmp`) that a killed
-    cascade process left in `folder`; those of live processes are kept. Returns what was
-    removed."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        parts = p.name.split(".")
-        if not (p.name.startswith(".") and p.name.endswith(".tmp") and len(parts) >= 5):
-            continue
-        try:
-            pid = int(parts[-3])
-        except ValueError:
-            continue
-        if _pid_alive(pid) and pid != 0:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
-def temporary_name(path: Path) -> str:
-    """The prefix of a temporary sibling of `path`: `.<name>.<pid>.` (random part and `.tmp`
-    follow), recognised by `clean_stale_temporaries`."""
-    return f".{path.name}.{os.getpid()}."
-
-
 def _claim_unique(path: Path) -> Path:
     """Create an empty folder at `path`, or at `path-2`, `path-3`, ... when taken. Creating it
     is the claim, so two runs started at once never pick the same name."""
@@ -262,7 +218,7 @@ def write_run(
     check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path.parent)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_name(path), suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp"))
     try:
         (tmp / MARKER).write_text(FORMAT + "\n")
         (tmp / "config.toml").write_text(config_toml)
@@ -301,7 +257,7 @@ def _publish(tmp: Path, path: Path) -> None:
     if _exchange(tmp, path):  # the new run is at `path`, the old one at `tmp`
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_name(path), suffix=".tmp"))
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp"))
     os.rename(path, aside / "old")
     try:
         os.rename(tmp, path)

@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Literal, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -40,7 +41,8 @@ class StageError(RuntimeError):
 
 @dataclass(frozen=True)
 class FitContext:
-    """Everything a stage may learn from. Never holds test requests."""
+    """Everything a stage may learn from, and the run-level settings every stage must honour.
+    Never holds test requests."""
 
     dataset: Dataset
     split: Split
@@ -48,6 +50,10 @@ class FitContext:
     valid: Traffic  # validation requests (early stopping)
     device: torch.device
     seed: int = 0
+    # the run hides items already in a request's history: retrieval must not return them, and
+    # a stage validating on ranking quality should not count them (as the run's metrics do)
+    exclude_seen: bool = True
+    index: str | None = None  # FAISS index_factory string the run asks retrieval to use
     cache_dir: Path | None = None  # trained checkpoints are cached here; None disables caching
     retrain: bool = False  # ignore cached checkpoints
     progress: bool = True  # show progress bars
@@ -77,6 +83,24 @@ class Ranker(Protocol):
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """candidates: (B, K) int64 item ids -> (B, K) float32 scores, higher is better."""
         ...
+
+
+@runtime_checkable
+class ScoresCatalogue(Protocol):
+    """Optional ranker hook: scores for every catalogue item at once, faster than `score` over
+    the catalogue in chunks (used for the full-catalogue reference)."""
+
+    def score_all(self, batch: RequestBatch) -> Tensor:
+        """(B, n_items) float32 scores, higher is better."""
+        ...
+
+
+@runtime_checkable
+class ReportsFit(Protocol):
+    """Optional hook: what `fit` did (epochs, validation metric, whether a cached checkpoint
+    was loaded: key "cached"), JSON-able; recorded in the run's metrics.json."""
+
+    fit_report_: Mapping[str, Any]
 
 
 REQUIRED_METHODS: dict[str, tuple[str, ...]] = {

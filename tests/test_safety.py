@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cascade.cli import app
-from cascade.records import MARKER, clean_stale_temporaries, is_run_folder, load_run, write_run
+from cascade.records import MARKER, is_run_folder, load_run, write_run
+from cascade.util.fsio import clean_stale_temporaries
 
 FRAME = pl.DataFrame({"a": [1]})
 

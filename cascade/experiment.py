@@ -737,6 +737,8 @@ def run_experiment(
         share = repeat_share(split)
         exclude_seen = share < REPEAT_SHARE_FOR_EXCLUDE
         say(f"exclude_seen: {exclude_seen} ({share:.1%} of training events are repeats)")
+    ctx = dataclasses.replace(ctx, exclude_seen=exclude_seen, index=cfg.index)
+    prepared = prepared._replace(ctx=ctx)
     retriever = build_stage(
         "retrieval", cfg.retrieval, run_overrides(cfg, "retrieval", cfg.retrieval, exclude_seen)
     )

@@ -29,13 +29,21 @@ Formats (`detect_format` names in brackets):
   float columns are left out (reported). Timestamps may be integers, floats (floored),
   dates/datetimes (-> epoch seconds) or strings holding any of these.
 
+A path names exactly what is read. A MovieLens directory is read with its metadata files; a
+named ratings file is read as that file, never swapped for a sibling, and the metadata beside
+it (u.item / u.user, movies.dat / users.dat, movies.csv) is used only when the file is the
+dataset's own (named u.data, ratings.dat or ratings.csv). A subset or copy under another name
+is loaded alone, without item or user features (the report says so).
+
 Raw ids map to contiguous ints in sorted raw-id order (`raw_user_ids` / `raw_item_ids` map
 back). Feature codes start at 1 in the order of `vocab[name][1:]`; 0 is unknown / padding.
 
 Bad input policy (STYLE.md "Data": strict, nothing silently dropped):
 - errors (`DataError` naming the file, 1-based line number or column, and what was expected):
   a line with the wrong number of fields, a missing or misnamed column / header, a
-  non-numeric id, rating or timestamp where the format requires a number, an empty file, a
+  non-numeric id, rating or timestamp where the format requires a number, a rating or label
+  that is not finite (nan, inf, or too large for its type), a MovieLens rating outside 0.5-5,
+  an empty file, a
   path that is neither a known name nor an existing file, a directory with no known format,
   a user listed on two lines of a per-user sequence file, an id listed twice in a feature table.
 - filtered and reported (one line each in `dataset.report`, with counts), or errors with
@@ -44,22 +52,25 @@ Bad input policy (STYLE.md "Data": strict, nothing silently dropped):
   history before any request. Items left without events after that are not part of the
   dataset; metadata rows for items without events and events for items without metadata are
   counted in the report too.
-- blank lines are not data and are skipped (they still count for line numbers).
+- blank lines are not data and are skipped (they still count for line numbers). A line ends
+  at LF, CRLF or a lone CR (old Mac files); a UTF-8 byte-order mark is ignored.
 
-Parsing is vectorised polars: each text file is scanned as lines, split into string fields,
+Parsing is vectorised polars: each text file is cut into lines (numpy, at the line ends, so
+any byte may appear inside a line), split into string fields,
 cast with `strict=False`, and the first row whose field count or cast fails names the line.
 """
 
 from __future__ import annotations
 
 import inspect
-import io
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from cascade.data.dataset import Dataset, DataError, FeatureTable, finalize_events
 
@@ -101,34 +112,42 @@ _FLOAT_TYPES = (pl.Float32, pl.Float64)
 # Text files as lines -> typed fields, with line numbers for every error
 
 
-def _read_bytes_as_utf8(path: Path, encoding: str) -> bytes:
-    """Small metadata files in a legacy encoding: decode once, hand polars UTF-8."""
+def _read_text(path: Path, encoding: str) -> bytes:
+    """The file as UTF-8 bytes with `\\n` line ends: no byte-order mark, CRLF and lone CR (old
+    Mac) made `\\n`. `encoding`: "utf8" (invalid bytes become U+FFFD), "auto" (UTF-8, else
+    latin-1) or any Python codec name."""
     raw = path.read_bytes()
-    if encoding == "auto":
+    if encoding in ("utf8", "auto"):
         try:
             raw.decode("utf-8")
-            return raw
         except UnicodeDecodeError:
-            encoding = "latin-1"
-    return raw.decode(encoding).encode("utf-8")
+            raw = raw.decode("latin-1" if encoding == "auto" else "utf-8", "replace").encode()
+    else:
+        raw = raw.decode(encoding).encode("utf-8")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return raw
 
 
 def _scan_lines(path: Path, encoding: str = "utf8") -> pl.LazyFrame:
     """One row per physical line: `_line` (1-based line number), `_raw` (text, no line end).
-    Blank lines come back as rows too (null), so row numbers are line numbers."""
-    opts: dict[str, Any] = dict(
-        has_header=False,
-        separator="\x1f",  # a byte no text format here uses: the whole line is one field
-        quote_char=None,
-        schema={"_raw": pl.String},
-        raise_if_empty=False,
-    )
-    if encoding in ("utf8", "utf8-lossy"):
-        lf = pl.scan_csv(path, encoding="utf8-lossy", **opts)
-    else:
-        lf = pl.read_csv(io.BytesIO(_read_bytes_as_utf8(path, encoding)), **opts).lazy()
-    return lf.with_row_index("_line", offset=1).select(
-        pl.col("_line").cast(pl.Int64), pl.col("_raw").str.strip_chars_end("\r")
+    Blank lines come back as rows too, so row numbers are line numbers. Any byte may appear in
+    a line: the lines are cut at `\\n` by offsets (numpy), not by a CSV reader."""
+    raw = _read_text(path, encoding)
+    ends = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == 10) + 1
+    if raw and not raw.endswith(b"\n"):
+        ends = np.append(ends, len(raw))
+    offsets = np.concatenate([[0], ends]).astype(np.int64)
+    # valid UTF-8 (checked or re-encoded above), so the buffers form a valid string array
+    arr = pa.LargeStringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(raw))
+    lines = pl.from_arrow(arr).str.strip_chars_end("\n").alias("_raw")
+    return (
+        lines.to_frame()
+        .with_row_index("_line", offset=1)
+        .select(pl.col("_line").cast(pl.Int64), "_raw")
+        .lazy()
     )
 
 
@@ -138,9 +157,15 @@ def _line_text(path: Path, line: int, encoding: str = "utf8") -> str:
     return got["_raw"][0] if got.height and got["_raw"][0] is not None else ""
 
 
-def _first_line(path: Path) -> str:
+def _head_lines(path: Path, size: int = 1 << 16) -> list[str]:
+    """The lines of the file's first `size` bytes (any line end, no byte-order mark)."""
     with open(path, "rb") as fh:
-        return fh.readline().decode("utf-8", "replace").strip("\r\n").lstrip("\ufeff")
+        head = fh.read(size)
+    return re.split(r"\r\n?|\n", head.decode("utf-8", "replace").lstrip("\ufeff"))
+
+
+def _first_line(path: Path) -> str:
+    return _head_lines(path)[0]
 
 
 def _kind(dtype: pl.DataType) -> str:
@@ -162,11 +187,14 @@ def _read_fields(
     *,
     header: Sequence[str] | None = None,
     encoding: str = "utf8",
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> pl.DataFrame:
     """Parse a delimited text file without quoting into typed columns plus `_line`.
 
     `header`: the exact column names the first line must hold (then it is not data).
-    Raises DataError for an empty file, a wrong field count or a failed cast, naming the line.
+    `ranges`: inclusive (low, high) bounds of numeric fields.
+    Raises DataError for an empty file, a wrong field count, a failed cast, a float that is not
+    finite (nan, inf, or too large for its type) or a value out of its range, naming the line.
     """
     names = list(fields)
     k = len(names)
@@ -217,6 +245,19 @@ def _read_fields(
             raise DataError(
                 f"{path}, line {line}, field {n!r} (field {i + 1} of {layout!r}): expected "
                 f"{_kind(t)}, found {value!r}" + _more(bad.height - 1)
+            )
+        lo, hi = (ranges or {}).get(n, (None, None))
+        ok = pl.col(n).is_finite() if t in _FLOAT_TYPES else pl.lit(True)
+        if lo is not None:
+            ok = ok & pl.col(n).is_between(lo, hi)
+        bad = df.filter(~ok)
+        if bad.height:
+            line = bad["_line"][0]
+            value = _line_text(path, line, encoding).split(sep)[i].strip()
+            want = "a finite number" + (f" from {lo:g} to {hi:g}" if lo is not None else "")
+            raise DataError(
+                f"{path}, line {line}, field {n!r} (field {i + 1} of {layout!r}): expected "
+                f"{want}, found {value!r}" + _more(bad.height - 1)
             )
     return df.drop("_nf")
 
@@ -481,13 +522,28 @@ def _n_unknown(frame: pl.DataFrame, col: str) -> str:
     return f"; {n} item{'s' if n > 1 else ''} without one: unknown" if n else ""
 
 
-def _dir_of(path: str | Path, marker: str) -> Path:
+def _ratings_file(path: str | Path, own: str) -> tuple[Path, Path | None]:
+    """(the ratings file to read, the folder whose metadata goes with it, or None).
+
+    A directory: its file `own`, with the metadata beside it. A file: exactly that file; the
+    metadata beside it only when the file is the dataset's own (named `own`): a subset or copy
+    under another name is read alone, never swapped for its sibling.
+    """
     p = Path(path).expanduser()
-    if p.is_file():
-        p = p.parent
-    if not (p / marker).is_file():
-        raise DataError(f"{p}: expected a file {marker!r} in this directory")
-    return p
+    if p.is_dir():
+        if not (p / own).is_file():
+            raise DataError(f"{p}: expected a file {own!r} in this directory")
+        return p / own, p
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    return p, (p.parent if p.name.lower() == own else None)
+
+
+def _no_meta(ratings: Path, own: str, meta: str) -> str:
+    return f"{ratings.name} is not named {own}: {meta} beside it is not read, items have no features"
+
+
+_ML_RATING = {"rating": (0.5, 5.0)}  # MovieLens stars: 1-5, half stars from 0.5 (10M, latest)
 
 
 _ACTION_NOTE = "action from rating: >= 4 positive, <= 2 negative, otherwise neutral"
@@ -501,15 +557,19 @@ def load_movielens_100k(
     path: str | Path, *, strict: bool = False, min_user_events: int = 2, name: str | None = None
 ) -> Dataset:
     """MovieLens 100k from its directory (or its `u.data`): ratings, genres, year, user info."""
-    d = _dir_of(path, "u.data")
+    f, meta = _ratings_file(path, "u.data")
+    d = meta if meta is not None else f.parent
     ratings = _read_fields(
-        d / "u.data",
+        f,
         "\t",
         {"user": pl.Int64, "item": pl.Int64, "rating": pl.Float32, "ts": pl.Int64},
+        ranges=_ML_RATING,
     )
     report = [_ACTION_NOTE]
     items = None
-    if (d / "u.item").is_file():
+    if meta is None:
+        report.append(_no_meta(f, "u.data", "u.item / u.user"))
+    elif (d / "u.item").is_file():
         genres = ML100K_GENRES
         if (d / "u.genre").is_file():
             g = _read_fields(
@@ -551,7 +611,7 @@ def load_movielens_100k(
     else:
         report.append(f"no u.item in {d}: items have no features")
     users = None
-    if (d / "u.user").is_file():
+    if meta is not None and (d / "u.user").is_file():
         u = _read_fields(
             d / "u.user",
             "|",
@@ -574,9 +634,9 @@ def load_movielens_100k(
         )
         report.append("age: u.user ages in the MovieLens 1M buckets " + ", ".join(AGE_BUCKETS))
     return _assemble(
-        name=name or d.name,
-        source=str(d),
-        file=str(d / "u.data"),
+        name=name or (d.name if meta is not None else f.stem),
+        source=str(d if meta is not None else f),
+        file=str(f),
         events=ratings,
         items=items,
         users=users,
@@ -605,15 +665,19 @@ def load_movielens_dat(
     path: str | Path, *, strict: bool = False, min_user_events: int = 2, name: str | None = None
 ) -> Dataset:
     """MovieLens 1M / 10M from its directory (or its `ratings.dat`), `::`-separated."""
-    d = _dir_of(path, "ratings.dat")
+    f, meta = _ratings_file(path, "ratings.dat")
+    d = meta if meta is not None else f.parent
     ratings = _read_fields(
-        d / "ratings.dat",
+        f,
         "::",
         {"user": pl.Int64, "item": pl.Int64, "rating": pl.Float32, "ts": pl.Int64},
+        ranges=_ML_RATING,
     )
     report = [_ACTION_NOTE]
     items = None
-    if (d / "movies.dat").is_file():
+    if meta is None:
+        report.append(_no_meta(f, "ratings.dat", "movies.dat / users.dat"))
+    elif (d / "movies.dat").is_file():
         m = _read_fields(
             d / "movies.dat",
             "::",
@@ -632,7 +696,9 @@ def load_movielens_dat(
     else:
         report.append(f"no movies.dat in {d}: items have no features")
     users = None
-    if (d / "users.dat").is_file():
+    if meta is None:
+        pass
+    elif (d / "users.dat").is_file():
         u = _read_fields(
             d / "users.dat",
             "::",
@@ -660,9 +726,9 @@ def load_movielens_dat(
     else:
         report.append(f"no users.dat in {d}: users have no features")
     return _assemble(
-        name=name or d.name,
-        source=str(d),
-        file=str(d / "ratings.dat"),
+        name=name or (d.name if meta is not None else f.stem),
+        source=str(d if meta is not None else f),
+        file=str(f),
         events=ratings,
         items=items,
         users=users,
@@ -678,20 +744,21 @@ def load_movielens_csv(
 ) -> Dataset:
     """MovieLens latest / 25M / 32M from its directory (or its `ratings.csv`)."""
     p = Path(path).expanduser()
-    ratings_file = p if p.is_file() else p / "ratings.csv"
+    ratings_file, meta = _ratings_file(p, "ratings.csv")
     d = ratings_file.parent
-    if not ratings_file.is_file():
-        raise DataError(f"{d}: expected a file 'ratings.csv' in this directory")
     ratings = _read_fields(
         ratings_file,
         ",",
         {"user": pl.Int64, "item": pl.Int64, "rating": pl.Float32, "ts": pl.Int64},
         header=ML_CSV_RATINGS_HEADER,
+        ranges=_ML_RATING,
     )
     report = [_ACTION_NOTE]
     items = None
     movies_file = d / "movies.csv"
-    if movies_file.is_file():
+    if meta is None:
+        report.append(_no_meta(ratings_file, "ratings.csv", "movies.csv"))
+    elif movies_file.is_file():
         m = _read_csv_strings(movies_file, required=ML_CSV_MOVIES_HEADER)
         m = _cast_column(m, "movieId", pl.Int64, str(movies_file)).rename({"movieId": "id"})
         items = _RawFeatures(
@@ -708,7 +775,7 @@ def load_movielens_csv(
     else:
         report.append(f"no movies.csv in {d}: items have no features")
     return _assemble(
-        name=name or d.name,
+        name=name or (d.name if meta is not None else ratings_file.stem),
         source=str(ratings_file if p.is_file() else d),
         file=str(ratings_file),
         events=ratings,
@@ -894,12 +961,14 @@ def _cast_column(df: pl.DataFrame, col: str, dtype: pl.DataType, file: str) -> p
     bad = out.is_null() & src.is_not_null()
     empty = src.is_null() | ((src.str.strip_chars() == "") if src.dtype == pl.String else False)
     fail = bad | empty
+    want = _kind(dtype)
+    if not fail.any() and dtype in _FLOAT_TYPES:
+        fail, want = ~out.is_finite(), "a finite number"  # nan, inf, or too large for the type
     if fail.any():
         where, n = _loc(df, file, fail)
         value = src.filter(fail)[0]
         raise DataError(
-            f"{where}, column {col!r}: expected {_kind(dtype)}, found {value!r}"
-            + _more(n - 1, "value")
+            f"{where}, column {col!r}: expected {want}, found {value!r}" + _more(n - 1, "value")
         )
     return df.with_columns(out.alias(col))
 
@@ -1175,12 +1244,7 @@ def _resolve(path: str | Path) -> tuple[str, Path]:
         return "ml-dat", p.parent
     if _is_parquet(p):
         return "log", p
-    first = ""
-    with open(p, "rb") as fh:
-        for raw in fh:
-            first = raw.decode("utf-8", "replace").strip().lstrip("\ufeff")
-            if first:
-                break
+    first = next((ln.strip() for ln in _head_lines(p) if ln.strip()), "")
     if not first:
         raise DataError(f"{p}: the file is empty")
     if p.suffix.lower() in (".csv", ".tsv", ".tab"):
@@ -1191,7 +1255,7 @@ def _resolve(path: str | Path) -> tuple[str, Path]:
     if len(tokens) >= 2 and all(t.lstrip("-").isdigit() for t in tokens):
         return "sequence", p
     if "::" in first:
-        return "ml-dat", p.parent
+        return "ml-dat", p  # exactly this file, even when a ratings.dat sits beside it
     raise DataError(
         f"{p}, line 1: cannot tell the format: expected whitespace-separated integer ids "
         f"('user item item ...', a sequence file), a .csv/.tsv/.parquet log, or a MovieLens "

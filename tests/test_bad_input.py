@@ -265,3 +265,38 @@ def test_cli_bad_format_option(tmp_path):
 
     r = CliRunner().invoke(app, ["data", "describe", "--data", str(tmp_path), "--format", "xml"])
     assert r.exit_code == 2 and "--format must be 'table' or 'json', got 'xml'" in r.output
+
+
+# --------------------------------------------------------------------------------------------
+# numbers that parse but are not data: nan, inf, out of range
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e300", "7", "0"])
+def test_movielens_ratings_not_finite_or_out_of_range(tmp_path, value):
+    d = _udata(tmp_path / "100k", GOOD + f"3\t10\t{value}\t104\n")
+    msg = _err(load_movielens_100k, d)
+    assert f"{d / 'u.data'}, line 5, field 'rating'" in msg and f"found {value!r}" in msg
+    assert "expected a finite number from 0.5 to 5" in msg
+    _write(tmp_path / "1m" / "ratings.dat", f"1::10::5::100\n1::11::{value}::101\n")
+    msg = _err(load_dataset, str(tmp_path / "1m"))
+    assert "ratings.dat, line 2, field 'rating'" in msg and f"found {value!r}" in msg
+    _write(tmp_path / "csv" / "ratings.csv", f"userId,movieId,rating,timestamp\n1,2,{value},4\n")
+    msg = _err(load_dataset, str(tmp_path / "csv"))
+    assert "ratings.csv, line 2, field 'rating'" in msg and f"found {value!r}" in msg
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "1e300"])
+def test_log_rating_and_label_not_finite(tmp_path, value):
+    p = _write(tmp_path / "log.csv", f"user,item,timestamp,r\n1,2,100,4\n1,3,101,{value}\n")
+    msg = _err(load_interaction_log, p, rating_col="r")
+    assert f"{p}, line 3, column 'r': expected a finite number, found {value!r}" in msg
+    if value != "1e300":  # a label only needs a sign: 1e300 is a positive action
+        msg = _err(load_interaction_log, p, label_col="r")
+        assert f"{p}, line 3, column 'r': expected a finite number" in msg
+    q = tmp_path / "log.parquet"
+    pl.DataFrame(
+        {"user": [1, 1], "item": [2, 3], "timestamp": [1, 2], "r": [4.0, float(value)]}
+    ).write_parquet(q)
+    assert f"{q}, row 2, column 'r': expected a finite number" in _err(
+        load_interaction_log, q, rating_col="r"
+    )

@@ -456,3 +456,44 @@ def test_windows_line_ends_and_header_bom(tmp_path):
     assert ds.events["ts"].to_list() == [5, 6] and _item_values(ds, 2, "genre") == ["Drama", "War"]
     p = _write(tmp_path / "seq.txt", "1 5 6\r\n2 7 8\r\n")
     assert _user_items(load_dataset(str(p))) == {1: [5, 6], 2: [7, 8]}
+
+
+def test_old_mac_line_ends(tmp_path):
+    # a lone CR ends a line (it used to make the whole file one line, i.e. one user)
+    p = _write(tmp_path / "seq.txt", "1 5 6\r2 7 8\r3 9 5 6\r")
+    ds = load_dataset(str(p))
+    assert _user_items(ds) == {1: [5, 6], 2: [7, 8], 3: [9, 5, 6]}
+    d = write_ml1m(tmp_path / "ml-1m")
+    (d / "ratings.dat").write_bytes((d / "ratings.dat").read_bytes().replace(b"\n", b"\r"))
+    assert load_dataset(str(d)).n_events == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# a named file is read, never its sibling
+
+
+def test_named_dat_subset_is_read_not_its_sibling_ratings_dat(tmp_path):
+    d = write_ml1m(tmp_path / "ml-1m")
+    sub = _write(d / "my_subset.txt", "2::1193::4::978298413\n2::3408::1::978299000\n")
+    assert detect_format(sub) == "ml-dat"
+    ds = load_dataset(str(sub))
+    assert (ds.n_users, ds.n_events) == (1, 2) and _user_items(ds) == {2: [1193, 3408]}
+    assert ds.name == "my_subset" and ds.source == str(sub)
+    # a file under another name is not the dataset's own: movies.dat beside it is not its metadata
+    assert ds.category_feature == "pseudo_category" and "genre" not in ds.items.names
+    assert any("my_subset.txt is not named ratings.dat" in r for r in ds.report)
+    # the dataset's own ratings.dat, named as a file, keeps its metadata
+    ds = load_dataset(str(d / "ratings.dat"))
+    assert ds.n_events == 5 and ds.category_feature == "genre" and ds.source == str(d)
+
+
+def test_named_u_data_and_ratings_csv_subsets(tmp_path):
+    d = write_ml100k(tmp_path / "ml")
+    sub = _write(d / "part.tsv", "3\t10\t1\t50\n3\t30\t4\t60\n")
+    ds = load_dataset(str(sub), format="ml-100k")
+    assert _user_items(ds) == {3: [10, 30]} and "genre" not in ds.items.names
+    d = write_ml_csv(tmp_path / "mlcsv")
+    sub = _write(d / "few.csv", "userId,movieId,rating,timestamp\n1,1,4.0,1\n1,3,4.5,2\n")
+    assert detect_format(sub) == "ml-csv"
+    ds = load_dataset(str(sub))
+    assert _user_items(ds) == {1: [1, 3]} and "genre" not in ds.items.names

@@ -11,13 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cascade.data.dataset import DataError
-from cascade.data.loaders import (
-    detect_format,
-    load_dataset,
-    load_interaction_log,
-    load_movielens_100k,
-    load_sequences,
-)
+from cascade.data.formats.movielens import load_movielens_100k
+from cascade.data.formats.sequence import load_sequences
+from cascade.data.loaders import detect_format, load_dataset, load_interaction_log
 
 
 def _write(path: Path, text: str) -> Path:
@@ -233,7 +229,7 @@ def test_bad_options(tmp_path):
         load_dataset(str(p), min_user_events=0)
     with pytest.raises(ValueError, match="layout must be 'auto', 'lines' or 'pairs', got 'rows'"):
         load_dataset(str(p), layout="rows")
-    with pytest.raises(ValueError, match="format must be one of"):
+    with pytest.raises(DataError, match="unknown format 'xml'; the known formats are .*ml-100k"):
         load_dataset(str(p), format="xml")
 
 

@@ -18,16 +18,14 @@ from typer.testing import CliRunner
 from cascade.data.dataset import DataError
 from cascade.data.describe import describe
 from cascade.data.download import KNOWN_DATASETS, dataset_dir, dataset_url
-from cascade.data.loaders import (
+from cascade.data.formats.movielens import (
     ML100K_GENRES,
-    detect_format,
-    load_dataset,
-    load_interaction_log,
     load_movielens_100k,
     load_movielens_csv,
     load_movielens_dat,
-    load_sequences,
 )
+from cascade.data.formats.sequence import load_sequences
+from cascade.data.loaders import detect_format, load_dataset, load_interaction_log
 
 
 # k-means on a handful of fixture items finds fewer distinct clusters than asked: expected

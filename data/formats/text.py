@@ -1,0 +1,281 @@
+"""Shared parsing for the text formats: files as lines, lines as typed fields, CSV tables.
+
+Every function here keeps line numbers so that an error can name the file, the 1-based line
+and what was expected (STYLE.md "Data"). A text file is cut into lines with numpy at its line
+ends (LF, CRLF or a lone CR), so any byte may appear inside a line; a line is split into
+string fields with polars and cast with `strict=False`, and the first row whose field count or
+cast fails names the line. CSV files with quoting go through polars' CSV reader, every column
+as text, with `_line` beside the data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from cascade.data.dataset import DataError
+
+INT_TYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+FLOAT_TYPES = (pl.Float32, pl.Float64)
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet", ".pq")
+
+
+def kind(dtype: pl.DataType) -> str:
+    """What a column of `dtype` expects, for error messages."""
+    if dtype in INT_TYPES:
+        return "an integer"
+    if dtype in FLOAT_TYPES:
+        return "a number"
+    return "text"
+
+
+def more(n: int, what: str = "line") -> str:
+    return f" (and {n} more such {what}{'s' if n > 1 else ''})" if n > 0 else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Files as lines
+
+
+def read_text(path: Path, encoding: str) -> bytes:
+    """The file as UTF-8 bytes with `\\n` line ends: no byte-order mark, CRLF and lone CR (old
+    Mac) made `\\n`. `encoding`: "utf8" (invalid bytes become U+FFFD), "auto" (UTF-8, else
+    latin-1) or any Python codec name."""
+    raw = path.read_bytes()
+    if encoding in ("utf8", "auto"):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raw = raw.decode("latin-1" if encoding == "auto" else "utf-8", "replace").encode()
+    else:
+        raw = raw.decode(encoding).encode("utf-8")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return raw
+
+
+def scan_lines(path: Path, encoding: str = "utf8") -> pl.LazyFrame:
+    """One row per physical line: `_line` (1-based line number), `_raw` (text, no line end).
+    Blank lines come back as rows too, so row numbers are line numbers."""
+    raw = read_text(path, encoding)
+    ends = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == 10) + 1
+    if raw and not raw.endswith(b"\n"):
+        ends = np.append(ends, len(raw))
+    offsets = np.concatenate([[0], ends]).astype(np.int64)
+    # valid UTF-8 (checked or re-encoded above), so the buffers form a valid string array
+    arr = pa.LargeStringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(raw))
+    lines = pl.from_arrow(arr).str.strip_chars_end("\n").alias("_raw")
+    return (
+        lines.to_frame()
+        .with_row_index("_line", offset=1)
+        .select(pl.col("_line").cast(pl.Int64), "_raw")
+        .lazy()
+    )
+
+
+def line_text(path: Path, line: int, encoding: str = "utf8") -> str:
+    """The text of one line (error messages only)."""
+    got = scan_lines(path, encoding).filter(pl.col("_line") == line).collect()
+    return got["_raw"][0] if got.height and got["_raw"][0] is not None else ""
+
+
+def head_lines(path: Path, size: int = 1 << 16) -> list[str]:
+    """The lines of the file's first `size` bytes (any line end, no byte-order mark)."""
+    with open(path, "rb") as fh:
+        head = fh.read(size)
+    return re.split(r"\r\n?|\n", head.decode("utf-8", "replace").lstrip("\ufeff"))
+
+
+def first_line(path: Path) -> str:
+    return head_lines(path)[0]
+
+
+def first_data_line(path: Path) -> tuple[int, str]:
+    """(1-based line number, stripped text) of the first non-blank line; (0, "") if none."""
+    for i, text in enumerate(head_lines(path), start=1):
+        if text.strip():
+            return i, text.strip()
+    return 0, ""
+
+
+# --------------------------------------------------------------------------------------------
+# Lines as typed fields (formats without quoting: u.data, *.dat, MovieLens' ratings.csv)
+
+
+def read_fields(
+    path: Path,
+    sep: str,
+    fields: dict[str, pl.DataType],
+    *,
+    header: Sequence[str] | None = None,
+    encoding: str = "utf8",
+    ranges: dict[str, tuple[float, float]] | None = None,
+) -> pl.DataFrame:
+    """Parse a delimited text file without quoting into typed columns plus `_line`.
+
+    `header`: the exact column names the first line must hold (then it is not data).
+    `ranges`: inclusive (low, high) bounds of numeric fields.
+    Raises DataError for an empty file, a wrong field count, a failed cast, a float that is not
+    finite (nan, inf, or too large for its type) or a value out of its range, naming the line.
+    """
+    names = list(fields)
+    k = len(names)
+    layout = sep.join(names) if sep != "\t" else "<TAB>".join(names)
+    if header is not None:
+        got = first_line(path).split(sep)
+        if [g.strip().strip('"') for g in got] != list(header):
+            missing = [h for h in header if h not in [g.strip().strip('"') for g in got]]
+            raise DataError(
+                f"{path}, line 1: expected the header {sep.join(header)!r}, found "
+                f"{sep.join(got)!r}" + (f" (missing column(s) {missing})" if missing else "")
+            )
+    lines = scan_lines(path, encoding)
+    if header is not None:
+        lines = lines.filter(pl.col("_line") > 1)
+    lines = lines.filter(pl.col("_raw").str.strip_chars() != "")  # blank lines: no data
+    parts = pl.col("_raw").str.split_exact(sep, k - 1).struct.rename_fields(names).alias("_f")
+    casts = [
+        pl.col(n) if t == pl.String else pl.col(n).str.strip_chars().cast(t, strict=False)
+        for n, t in fields.items()
+    ]
+    df = (
+        lines.select(
+            "_line",
+            (pl.col("_raw").str.count_matches(sep, literal=True) + 1).alias("_nf"),
+            parts,
+        )
+        .unnest("_f")
+        .select("_line", "_nf", *casts)
+        .collect()
+    )
+    if df.height == 0:
+        raise DataError(f"{path}: the file has no data lines; expected lines of {layout!r}")
+    bad = df.filter(pl.col("_nf") != k)
+    if bad.height:
+        line, nf = bad["_line"][0], bad["_nf"][0]
+        raise DataError(
+            f"{path}, line {line}: expected {k} fields separated by {sep!r} ({layout}), "
+            f"found {nf}: {line_text(path, line, encoding)!r}" + more(bad.height - 1)
+        )
+    for i, (n, t) in enumerate(fields.items()):
+        if t == pl.String:
+            continue
+        bad = df.filter(pl.col(n).is_null())
+        if bad.height:
+            line = bad["_line"][0]
+            value = line_text(path, line, encoding).split(sep)[i].strip()
+            raise DataError(
+                f"{path}, line {line}, field {n!r} (field {i + 1} of {layout!r}): expected "
+                f"{kind(t)}, found {value!r}" + more(bad.height - 1)
+            )
+        lo, hi = (ranges or {}).get(n, (None, None))
+        ok = pl.col(n).is_finite() if t in FLOAT_TYPES else pl.lit(True)
+        if lo is not None:
+            ok = ok & pl.col(n).is_between(lo, hi)
+        bad = df.filter(~ok)
+        if bad.height:
+            line = bad["_line"][0]
+            value = line_text(path, line, encoding).split(sep)[i].strip()
+            want = "a finite number" + (f" from {lo:g} to {hi:g}" if lo is not None else "")
+            raise DataError(
+                f"{path}, line {line}, field {n!r} (field {i + 1} of {layout!r}): expected "
+                f"{want}, found {value!r}" + more(bad.height - 1)
+            )
+    return df.drop("_nf")
+
+
+# --------------------------------------------------------------------------------------------
+# CSV tables with a header (quoting allowed): every column as text, plus `_line`
+
+
+def csv_sep(p: Path, separator: str | None) -> str:
+    if separator is not None:
+        return separator
+    return "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
+
+
+def read_csv_strings(path: Path, *, required: Sequence[str], separator: str = ",") -> pl.DataFrame:
+    """A CSV with a header, every column as text, plus `_line`; checks the required columns."""
+    header = first_line(path)
+    if not header.strip():
+        raise DataError(
+            f"{path}: the file is empty; expected a header line with columns {list(required)}"
+        )
+    try:
+        df = pl.read_csv(path, infer_schema=False, separator=separator, raise_if_empty=False)
+    except pl.exceptions.PolarsError as e:
+        raise DataError(_locate_csv_error(path, separator, e)) from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing}; the header has {df.columns} "
+            f"(separator {separator!r})"
+        )
+    df = df.with_row_index("_line", offset=2).with_columns(pl.col("_line").cast(pl.Int64))
+    # blank lines come back as all-null rows: not data
+    df = df.filter(~pl.all_horizontal([pl.col(c).is_null() for c in df.columns if c != "_line"]))
+    if df.height == 0:
+        raise DataError(f"{path}: the file has a header but no data lines")
+    return df
+
+
+def _locate_csv_error(path: Path, sep: str, err: Exception) -> str:
+    """Name the first line whose field count differs from the header's (quotes ignored)."""
+    counts = (
+        scan_lines(path)
+        .filter(pl.col("_raw").str.strip_chars() != "")
+        .select("_line", (pl.col("_raw").str.count_matches(sep, literal=True) + 1).alias("nf"))
+        .collect()
+    )
+    if counts.height:
+        k = counts["nf"][0]
+        bad = counts.filter(pl.col("nf") != k)
+        if bad.height:
+            line = bad["_line"][0]
+            return (
+                f"{path}, line {line}: expected {k} fields separated by {sep!r} like the header, "
+                f"found {bad['nf'][0]}: {line_text(path, line)!r}"
+            )
+    return f"{path}: could not parse as CSV (separator {sep!r}): {str(err).splitlines()[0]}"
+
+
+def where(df: pl.DataFrame, file: str, row: int) -> str:
+    """`file, line N` when the frame carries `_line` (text files), else `file, row N`."""
+    if "_line" in df.columns:
+        return f"{file}, line {df['_line'][row]}"
+    return f"{file}, row {row + 1}"
+
+
+def locate(df: pl.DataFrame, file: str, mask: pl.Series) -> tuple[str, int]:
+    """Where the first True of `mask` is, and how many there are."""
+    idx = int(mask.arg_true()[0])
+    n = int(mask.sum())
+    return where(df, file, idx), n
+
+
+def cast_column(df: pl.DataFrame, col: str, dtype: pl.DataType, file: str) -> pl.DataFrame:
+    """Cast a column; the first value that fails (or, for floats, is not finite) is named."""
+    src = df[col]
+    out = (
+        src.str.strip_chars().cast(dtype, strict=False)
+        if src.dtype == pl.String
+        else src.cast(dtype, strict=False)
+    )
+    bad = out.is_null() & src.is_not_null()
+    empty = src.is_null() | ((src.str.strip_chars() == "") if src.dtype == pl.String else False)
+    fail = bad | empty
+    want = kind(dtype)
+    if not fail.any() and dtype in FLOAT_TYPES:
+        fail, want = ~out.is_finite(), "a finite number"  # nan, inf, or too large for the type
+    if fail.any():
+        at, n = locate(df, file, fail)
+        value = src.filter(fail)[0]
+        raise DataError(f"{at}, column {col!r}: expected {want}, found {value!r}" + more(n - 1, "value"))
+    return df.with_columns(out.alias(col))

@@ -1,6 +1,6 @@
 """Putting saved runs side by side: `cascade compare RUN [RUN ...]`.
 
-A run folder (see `cascade.records`, format "cascade-run/1") holds metrics.json, requests.parquet
+A run folder (see `cascade.records`) holds metrics.json, requests.parquet
 (one row per ESR variant and request), latency.parquet (one row per variant, stage and batch),
 config.toml and env.json. This module reads several of them, checks they are comparable, and
 builds one aligned table over every (run, ESR variant) pair, an *entry*:
@@ -34,151 +34,11 @@ from typing import Any, Callable, Sequence
 import polars as pl
 
 from cascade.data.dataset import DataError
-from cascade.records import FILE_MODE
+from cascade.metrics import FUNNEL_STAGE, final_metrics, frontier_mask
+from cascade.records import Run, read_run, read_runs  # noqa: F401 - the readers compare uses
+from cascade.util.fsio import FILE_MODE, clean_stale_temporaries, temporary_prefix
 
 COMPARE_FORMAT = "cascade-compare/1"
-REQUEST_COLUMNS = ("variant", "request_id", "user", "target", "rank_retrieval", "rank_esr",
-                   "rank_lsr")
-LATENCY_COLUMNS = ("variant", "stage", "batch", "batch_size", "ms")
-FUNNEL_STAGE = "funnel"  # the pseudo-stage: every stage of one batch, summed
-# final metric name in metrics.json -> per-request column in requests.parquet
-_PER_REQUEST = {"hr": "hit", "ndcg": "ndcg", "mrr": "rr"}
-
-
-# --------------------------------------------------------------------------------------------
-# reading run folders
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """One saved run folder, validated."""
-
-    path: Path
-    metrics: dict[str, Any]
-    config: dict[str, Any]
-    env: dict[str, Any]
-    requests: pl.DataFrame  # one row per (variant, request)
-    latency: pl.DataFrame  # one row per (variant, stage, batch)
-
-    @property
-    def name(self) -> str:
-        return str(self.metrics.get("name") or self.path.name)
-
-    @property
-    def variants(self) -> list[str]:
-        """ESR variant labels, primary first, then baseline, then the others in file order."""
-        labels = list(self.metrics["variants"])
-        first = [x for x in (self.metrics.get("primary"), self.metrics.get("baseline")) if x]
-        return [*[x for x in first if x in labels], *[x for x in labels if x not in first]]
-
-    @property
-    def primary(self) -> str:
-        return self.variants[0]
-
-    def stages(self, variant: str) -> list[dict[str, Any]]:
-        return list(self.metrics["variants"][variant]["stages"])
-
-    def stage_names(self, variant: str | None = None) -> list[str]:
-        return [s["name"] for s in self.stages(variant or self.primary)]
-
-    def final_names(self, variant: str | None = None) -> list[str]:
-        return list(self.metrics["variants"][variant or self.primary]["final"])
-
-    @property
-    def traffic_key(self) -> str:
-        return str(self.metrics["data"]["traffic_key"])
-
-    @property
-    def seed(self) -> Any:
-        return self.config.get("seed", self.metrics.get("seed"))
-
-    def stage_latency(self) -> pl.DataFrame:
-        """latency.parquet with every row attributed to a variant: rows of a stage shared by all
-        variants (a label that is not a variant, e.g. the retrieval run once per batch) are
-        repeated for each variant, so that per-variant full-funnel sums include them."""
-        lat = self.latency.select(
-            pl.col("variant").cast(pl.String), pl.col("stage").cast(pl.String),
-            pl.col("batch").cast(pl.Int64), pl.col("batch_size").cast(pl.Int64),
-            pl.col("ms").cast(pl.Float64),
-        )
-        variants = self.variants
-        own = lat.filter(pl.col("variant").is_in(variants))
-        shared = lat.filter(~pl.col("variant").is_in(variants) | pl.col("variant").is_null())
-        if shared.height:
-            v = pl.DataFrame({"variant": variants}, schema={"variant": pl.String})
-            own = pl.concat([own, shared.drop("variant").join(v, how="cross").select(lat.columns)])
-        return own
-
-    def funnel_latency(self) -> pl.DataFrame:
-        """Per (variant, batch): the summed latency of every stage, what one batch of requests
-        waits for end to end. Columns variant, batch, batch_size, ms."""
-        return (
-            self.stage_latency()
-            .group_by("variant", "batch")
-            .agg(pl.col("batch_size").max(), pl.col("ms").sum())
-            .sort("variant", "batch")
-        )
-
-
-def _read_parquet(path: Path, folder: Path, columns: Sequence[str]) -> pl.DataFrame:
-    try:
-        frame = pl.read_parquet(path)
-    except Exception as e:  # noqa: BLE001 - polars raises several kinds for a corrupt file
-        raise DataError(f"run folder {folder}: cannot read {path.name}: {e}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"run folder {folder}: {path.name} lacks column(s) {', '.join(missing)} "
-            f"(has {', '.join(frame.columns)})"
-        )
-    return frame
-
-
-def _check_metrics(m: dict[str, Any], folder: Path) -> None:
-    where = f"run folder {folder}: metrics.json"
-    for key in ("data", "budgets", "variants"):
-        if key not in m:
-            raise DataError(f"{where} lacks {key!r}")
-    if "traffic_key" not in m["data"]:
-        raise DataError(f"{where} lacks 'data.traffic_key'")
-    if not isinstance(m["variants"], dict) or not m["variants"]:
-        raise DataError(f"{where} has no ESR variants under 'variants'")
-    for label, v in m["variants"].items():
-        for key in ("stages", "final"):
-            if key not in v:
-                raise DataError(f"{where} lacks 'variants.{label}.{key}'")
-        for i, s in enumerate(v["stages"]):
-            lacking = [k for k in ("name", "k", "recall") if k not in s]
-            if lacking:
-                raise DataError(f"{where}: variants.{label}.stages[{i}] lacks {lacking}")
-
-
-def read_run(path: str | Path) -> Run:
-    """Read and validate one run folder: `cascade.records.load_run` (folder, files, format),
-    then what a comparison needs (metrics fields, parquet columns, a request row per variant).
-    Raises a `ValueError` (`RunFormatError` or `DataError`) naming the folder and what is wrong."""
-    from cascade.records import load_run
-
-    rec = load_run(path)
-    folder = rec.path
-    _check_metrics(rec.metrics, folder)
-    requests = _read_parquet(folder / "requests.parquet", folder, REQUEST_COLUMNS)
-    latency = _read_parquet(folder / "latency.parquet", folder, LATENCY_COLUMNS)
-    run = Run(folder, rec.metrics, rec.config, rec.env, requests, latency)
-    have = set(requests["variant"].unique().to_list())
-    lacking = [v for v in run.variants if v not in have]
-    if lacking:
-        raise DataError(
-            f"run folder {folder}: requests.parquet has no rows for variant(s) {lacking}"
-        )
-    return run
-
-
-def read_runs(paths: Sequence[str | Path]) -> list[Run]:
-    if not paths:
-        raise DataError("give at least one run folder")
-    return [read_run(p) for p in paths]
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +60,9 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class Metric:
+class Row:
+    """One row of the comparison table: a budget, a recall, a final metric, a latency."""
+
     key: str  # e.g. "recall@esr", "ndcg@10", "p99_ms@funnel"
     label: str  # words for a person
     group: str  # "budget" | "funnel" | "final" | "latency" | "throughput"
@@ -211,7 +73,7 @@ class Metric:
 class Comparison:
     runs: list[Run]
     entries: list[Entry]
-    metrics: list[Metric]
+    metrics: list[Row]
     values: dict[tuple[str, str], float]  # (entry label, metric key) -> value
     deltas: dict[tuple[str, str], tuple[float, float, float]]  # -> (delta, lo, hi), paired only
     paired: dict[str, bool]  # entry label -> same traffic as the reference
@@ -329,26 +191,25 @@ def traffic_difference(a: Run, b: Run) -> list[str]:
     return why
 
 
-def _metric_list(runs: Sequence[Run]) -> list[Metric]:
+def _metric_list(runs: Sequence[Run]) -> list[Row]:
     ref = runs[0]
     stages = ref.stage_names()
-    out = [Metric(f"k@{s}", f"{s} K", "budget") for s in stages]
-    out += [Metric(f"recall@{s}", f"recall after {s}", "funnel", f"rank_{s}") for s in stages]
-    for name in ref.final_names():
-        base = name.split("@")[0]
-        col = _PER_REQUEST.get(base)
-        col = None if col is None else col + name[len(base):]
-        out.append(Metric(name, name, "final", col))
+    out = [Row(f"k@{s}", f"{s} K", "budget") for s in stages]
+    out += [Row(f"recall@{s}", f"recall after {s}", "funnel", f"rank_{s}") for s in stages]
+    registry = {m.key: m for m in final_metrics()}
+    for name in ref.final_names():  # a registered metric has its per-request column by its key
+        m = registry.get(name)
+        out.append(Row(name, m.label if m else name, "final", name if m else None))
     for s in [*stages, FUNNEL_STAGE]:
         what = "full funnel" if s == FUNNEL_STAGE else s
         for q in ("p50", "p99"):
-            out.append(Metric(f"{q}_ms@{s}", f"{what} {q} ms", "latency"))
-    out.append(Metric("throughput_rps", "throughput (requests/s)", "throughput"))
+            out.append(Row(f"{q}_ms@{s}", f"{what} {q} ms", "latency"))
+    out.append(Row("throughput_rps", "throughput (requests/s)", "throughput"))
     return out
 
 
 def entry_values(run: Run, variant: str) -> dict[str, float]:
-    """Summary values of one entry, keyed like `Metric.key`."""
+    """Summary values of one entry, keyed like `Row.key`."""
     v = run.metrics["variants"][variant]
     out: dict[str, float] = {}
     for s in v["stages"]:
@@ -381,7 +242,7 @@ def entry_values(run: Run, variant: str) -> dict[str, float]:
     return out
 
 
-def per_request(run: Run, variant: str, metrics: Sequence[Metric]) -> pl.DataFrame:
+def per_request(run: Run, variant: str, metrics: Sequence[Row]) -> pl.DataFrame:
     """request_id plus one float column per paired metric (key as column name)."""
     req = run.requests.filter(pl.col("variant") == variant)
     cols = [pl.col("request_id")]
@@ -485,7 +346,7 @@ def _fmt(x: float | None, group: str) -> str:
     return f"{x:.4f}"
 
 
-def _cell(c: Comparison, e: Entry, m: Metric, sep: str) -> str:
+def _cell(c: Comparison, e: Entry, m: Row, sep: str) -> str:
     s = _fmt(c.values.get((e.label, m.key)), m.group)
     d = c.deltas.get((e.label, m.key))
     if d is not None:
@@ -549,7 +410,8 @@ def write_bundle(out_dir: str | Path, fill: Callable[[Path], None]) -> list[Path
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, expected a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    clean_stale_temporaries(out.parent)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temporary_prefix(out), suffix=".tmp"))
     try:
         fill(tmp)
         files = sorted(f for f in tmp.rglob("*") if f.is_file())
@@ -569,11 +431,40 @@ def write_bundle(out_dir: str | Path, fill: Callable[[Path], None]) -> list[Path
 def write_comparison(c: Comparison, out_dir: str | Path) -> list[Path]:
     """comparison.md, comparison.json and figures/{funnel,latency,quality_latency}.{png,csv} in
     `out_dir`, all or nothing."""
-    from cascade import figures
-
     def fill(tmp: Path) -> None:
         (tmp / "comparison.md").write_text(to_markdown(c))
         (tmp / "comparison.json").write_text(json.dumps(c.to_json(), indent=2))
-        figures.comparison_figures(c, tmp / "figures")
+        comparison_figures(c, tmp / "figures")
 
     return write_bundle(out_dir, fill)
+
+
+def comparison_figures(c: Comparison, out_dir: Path) -> list[Path]:
+    """funnel, latency and quality_latency figures of a comparison, one series per entry."""
+    from cascade.figures import (
+        funnel_figure, latency_figure, latency_stats, quality_latency_figure, run_funnel_table,
+        run_latency_frame,
+    )
+
+    out_dir = Path(out_dir)
+    funnel = pl.concat([
+        run_funnel_table(c.runs[e.run]).filter(pl.col("series") == e.variant)
+        .with_columns(pl.lit(e.label).alias("series"))
+        for e in c.entries
+    ])
+    written = funnel_figure(funnel, out_dir / "funnel.png")
+    lat = pl.concat([
+        run_latency_frame(c.runs[e.run]).filter(pl.col("series") == e.variant)
+        .with_columns(pl.lit(e.label).alias("series"))
+        for e in c.entries
+    ])
+    written += latency_figure(latency_stats(lat), out_dir / "latency.png")
+    pts = summary_points(c).drop_nulls(["quality", "p99_ms"])
+    if pts.height:
+        pts = pts.with_columns(
+            pl.Series("frontier", frontier_mask(pts["quality"].to_numpy(),
+                                                pts["p99_ms"].to_numpy()))
+        )
+        written += quality_latency_figure(pts, out_dir / "quality_latency.png",
+                                          quality=str(pts["quality_metric"][0]).upper())
+    return written

@@ -11,7 +11,7 @@ Every figure is saved beside the exact data it was drawn from, as `<name>.png` p
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, never pyplot, so
 drawing needs no display and leaves no global state behind. Files are written atomically
-(temporary file, then rename) with `stages.training.atomic_write_bytes`.
+(temporary file, then rename) with `cascade.util.fsio.atomic_write_bytes`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import polars as pl
 
-from cascade.stages.training import atomic_write_bytes
+from cascade.util.fsio import atomic_write_bytes
+
+from cascade.metrics import FUNNEL_STAGE
 
 if TYPE_CHECKING:
-    from cascade.compare import Comparison, Run
+    from cascade.records import Run
 
 DPI = 110
 
@@ -143,7 +145,6 @@ def latency_figure(stats: pl.DataFrame, png: Path, *,
         art["boxes"][0].set_label(name) if art["boxes"] else None
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-    from cascade.compare import FUNNEL_STAGE
 
     ax.set_xticks(range(len(stages)),
                   ["full funnel" if s == FUNNEL_STAGE else s for s in stages])
@@ -217,8 +218,6 @@ def run_funnel_table(run: "Run") -> pl.DataFrame:
 
 def run_latency_frame(run: "Run", series: str | None = None) -> pl.DataFrame:
     """series, stage, ms: every stage's batches plus the summed full funnel ("funnel")."""
-    from cascade.compare import FUNNEL_STAGE
-
     lat = run.stage_latency().select(pl.col("variant").alias("series"), "stage", "ms")
     tot = run.funnel_latency().select(
         pl.col("variant").alias("series"), pl.lit(FUNNEL_STAGE).alias("stage"), "ms"
@@ -232,43 +231,3 @@ def run_latency_frame(run: "Run", series: str | None = None) -> pl.DataFrame:
     if series is not None:
         out = out.with_columns((pl.lit(series + "/") + pl.col("series")).alias("series"))
     return out
-
-
-def run_figures(run: "Run", out_dir: Path) -> list[Path]:
-    """figures/funnel.{png,csv} and figures/latency.{png,csv} of one run."""
-    out_dir = Path(out_dir)
-    written = funnel_figure(run_funnel_table(run), out_dir / "funnel.png",
-                            title=f"Recall through the funnel: {run.name}")
-    written += latency_figure(latency_stats(run_latency_frame(run)), out_dir / "latency.png",
-                              title=f"Latency per batch, by stage: {run.name}")
-    return written
-
-
-def comparison_figures(c: "Comparison", out_dir: Path) -> list[Path]:
-    """funnel, latency and quality_latency figures of a comparison, one series per entry."""
-    from cascade.compare import summary_points
-    from cascade.sweep import frontier_mask
-
-    out_dir = Path(out_dir)
-    funnel = pl.concat([
-        run_funnel_table(c.runs[e.run]).filter(pl.col("series") == e.variant)
-        .with_columns(pl.lit(e.label).alias("series"))
-        for e in c.entries
-    ])
-    written = funnel_figure(funnel, out_dir / "funnel.png")
-    lat = pl.concat([
-        run_latency_frame(c.runs[e.run]).filter(pl.col("series") == e.variant)
-        .with_columns(pl.lit(e.label).alias("series"))
-        for e in c.entries
-    ])
-    written += latency_figure(latency_stats(lat), out_dir / "latency.png")
-    pts = summary_points(c).drop_nulls(["quality", "p99_ms"])
-    if pts.height:
-        pts = pts.with_columns(
-            pl.Series("frontier", frontier_mask(pts["quality"].to_numpy(),
-                                                pts["p99_ms"].to_numpy()))
-        )
-        written += quality_latency_figure(pts, out_dir / "quality_latency.png",
-                                          quality=str(pts["quality_metric"][0]).upper())
-    return written
-

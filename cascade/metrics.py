@@ -1,4 +1,12 @@
-"""Funnel metrics: pure functions on rank arrays, latency samples and polars frames.
+"""Funnel metrics: the registry of final-list metrics, and summaries of latency samples and of
+the per-request frame.
+
+**The metric registry.** Each quality metric of the final list is defined once, as a `Metric`:
+its key (the JSON key in metrics.json and the column in requests.parquet, one name everywhere),
+its label (table headings), its per-request function of the final ranks, and whether higher is
+better. Replay, the funnel table, metrics.json, the report, `compare`, `sweep` and `ablation` all
+iterate `final_metrics()`, so adding a metric is one `register_metric(...)` call here (or in a
+user's module) plus its test. The built-in ones are HR@10, NDCG@10 and MRR.
 
 Conventions (shared with `cascade.replay` and the run records):
 - a rank is the 0-based position of a ground-truth item in a stage's output, best first;
@@ -23,7 +31,8 @@ Conventions (shared with `cascade.replay` and the run records):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -50,6 +59,71 @@ HISTORY_BUCKETS: tuple[tuple[str, int, float], ...] = (
 )
 POPULARITY_BUCKETS: tuple[tuple[str, float], ...] = (("head", 0.5), ("torso", 0.8), ("tail", 1.0))
 FUNNEL_STAGES: tuple[str, ...] = ("retrieval", "esr", "lsr")
+FUNNEL_STAGE = "funnel"  # the pseudo-stage of latency tables: every stage of one batch, summed
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A quality metric of a ranked list, computed per request and averaged over requests."""
+
+    key: str  # metrics.json key and requests.parquet column, e.g. "ndcg@10"
+    label: str  # table heading, e.g. "NDCG@10"
+    # (ranks (R, T), valid (R, T), list length) -> (R,) values; ranks as in cascade.util.ranking
+    per_request: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+    description: str
+    higher_is_better: bool = True
+
+    def values(self, ranks: np.ndarray, valid: np.ndarray, list_len: int) -> np.ndarray:
+        return np.asarray(self.per_request(ranks, valid, list_len), dtype=np.float64)
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add `metric` to the final-list metrics every report shows (a key may be registered once)."""
+    if metric.key in _METRICS and _METRICS[metric.key] != metric:
+        raise ValueError(f"metric {metric.key!r} is already registered")
+    if metric.key in ("n_requests", "recall") or metric.key.startswith(("rank_", "recall_", "oracle_")):
+        raise ValueError(f"metric key {metric.key!r} clashes with a column cascade already writes")
+    _METRICS[metric.key] = metric
+    return metric
+
+
+def final_metrics() -> tuple[Metric, ...]:
+    """The registered final-list metrics, in registration order."""
+    return tuple(_METRICS.values())
+
+
+def get_metric(key: str) -> Metric:
+    try:
+        return _METRICS[key]
+    except KeyError:
+        raise ValueError(
+            f"unknown metric {key!r}; known: {', '.join(_METRICS)}"
+        ) from None
+
+
+register_metric(Metric(
+    "hr@10", "HR@10", lambda r, v, n: hit_rate(r, v, min(10, n)),
+    "1 when a ground-truth item is in the top 10 of the final list, else 0",
+))
+register_metric(Metric(
+    "ndcg@10", "NDCG@10", lambda r, v, n: ndcg(r, v, min(10, n)),
+    "DCG of the ground-truth items in the top 10 over the ideal DCG",
+))
+register_metric(Metric(
+    "mrr", "MRR", lambda r, v, n: reciprocal_rank(r, v),
+    "1 / (1 + rank) of the best-ranked ground-truth item in the final list, 0 when absent",
+))
+
+
+def final_values(ranks: np.ndarray, valid: np.ndarray, list_len: int, prefix: str = "") -> dict:
+    """{prefix + key: (R,) values} of every registered metric on one ranking."""
+    return {prefix + m.key: m.values(ranks, valid, list_len) for m in final_metrics()}
 
 
 def survival(
@@ -166,23 +240,20 @@ RECALL_COLUMNS = {s: f"recall_{s}" for s in FUNNEL_STAGES}
 
 
 def quality_summary(frame: pl.DataFrame) -> dict:
-    """Recall after each stage and final HR@10 / NDCG@10 / MRR of one variant's request rows
-    (columns recall_<stage>, hit@10, ndcg@10, rr)."""
+    """Recall after each stage and every final metric (means over requests) of one variant's
+    request rows (columns recall_<stage> and each metric's key)."""
     if frame.height == 0:
         return {"n_requests": 0}
+    keys = [m.key for m in final_metrics()]
     row = frame.select(
         pl.len().alias("n_requests"),
         *[pl.col(c).mean().alias(s) for s, c in RECALL_COLUMNS.items()],
-        pl.col("hit@10").mean(),
-        pl.col("ndcg@10").mean(),
-        pl.col("rr").mean().alias("mrr"),
+        *[pl.col(k).mean() for k in keys],
     ).row(0, named=True)
     return {
         "n_requests": row["n_requests"],
         "recall": {s: row[s] for s in FUNNEL_STAGES},
-        "hr@10": row["hit@10"],
-        "ndcg@10": row["ndcg@10"],
-        "mrr": row["mrr"],
+        **{k: row[k] for k in keys},
     }
 
 
@@ -228,6 +299,12 @@ def survival_chain(frame: pl.DataFrame) -> dict:
     return out
 
 
+def comparison_columns() -> dict[str, str]:
+    """Reported name -> requests.parquet column of every paired comparison."""
+    return {"recall@esr": "recall_esr", "recall@final": "recall_lsr",
+            **{m.key: m.key for m in final_metrics()}}
+
+
 def compare_variants(
     frame: pl.DataFrame,
     variant: str,
@@ -238,14 +315,9 @@ def compare_variants(
     seed: int = 0,
 ) -> dict:
     """Paired per-request deltas variant - baseline with bootstrap 95% intervals. `metrics` maps
-    a reported name to a request column; rows are paired by request_id."""
-    metrics = metrics or {
-        "recall@esr": "recall_esr",
-        "recall@final": "recall_lsr",
-        "hr@10": "hit@10",
-        "ndcg@10": "ndcg@10",
-        "mrr": "rr",
-    }
+    a reported name to a request column (default: recall after the ESR and after the LSR, and
+    every final metric); rows are paired by request_id."""
+    metrics = metrics or comparison_columns()
     cols = list(dict.fromkeys(metrics.values()))
     a = frame.filter(pl.col("variant") == variant).select("request_id", *cols)
     b = frame.filter(pl.col("variant") == baseline).select("request_id", *cols)
@@ -263,3 +335,18 @@ def compare_variants(
             "n": res["n"],
         }
     return out
+
+
+# ---- quality against latency -----------------------------------------------------------------
+
+
+def frontier_mask(quality: np.ndarray, latency: np.ndarray) -> np.ndarray:
+    """(n,) bool: True where no other point has quality >= and latency <= with one strictly
+    better (the non-dominated points; higher quality and lower latency are better)."""
+    q = np.asarray(quality, dtype=np.float64)
+    lat = np.asarray(latency, dtype=np.float64)
+    if q.shape != lat.shape or q.ndim != 1:
+        raise ValueError(f"quality and latency must be 1-d of one length, got {q.shape}, {lat.shape}")
+    ge = (q[None, :] >= q[:, None]) & (lat[None, :] <= lat[:, None])  # [i, j]: j at least as good
+    gt = (q[None, :] > q[:, None]) | (lat[None, :] < lat[:, None])
+    return ~(ge & gt).any(axis=1)

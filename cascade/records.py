@@ -1,6 +1,6 @@
 """Run records: the self-describing folder every `cascade run` writes, and reading it back.
 
-Layout (format "cascade-run/1"):
+Layout (format "cascade-run/2"):
     config.toml        the resolved RunConfig
     metrics.json       funnel metrics per ESR variant, comparison, reference (see README)
     requests.parquet   one row per (variant, request): ranks after each stage, hit/ndcg/rr
@@ -35,9 +35,10 @@ from typing import Any
 
 import polars as pl
 
+from cascade.util.serialize import dumps_json, dumps_toml  # noqa: F401 - re-exported
 from cascade.util.fsio import DIR_MODE, FILE_MODE, clean_stale_temporaries, temporary_prefix
 
-FORMAT = "cascade-run/1"
+FORMAT = "cascade-run/2"  # 2: one name per metric (hr@10, mrr columns), a marker file
 RUN_FILES = ("config.toml", "metrics.json", "requests.parquet", "latency.parquet", "env.json")
 MARKER = ".cascade-run"  # written by cascade into every run folder; its presence makes it one
 # what a run folder may hold besides RUN_FILES; a folder with anything else is not replaced
@@ -46,92 +47,6 @@ RUN_EXTRAS = (MARKER, "report.md", "figures", "ablation.md", "ablation.json")
 
 class RunFormatError(ValueError):
     """A folder that is not a readable cascade run (missing files, unknown format)."""
-
-
-# ---- a small TOML writer (tomllib only reads) --------------------------------------------------
-
-
-def _toml_key(k: str) -> str:
-    return k if k and all(c.isalnum() or c in "-_" for c in k) else json.dumps(k)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, (str, Path)):
-        return json.dumps(str(v))  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None)
-        return "{" + inner + "}"
-    raise TypeError(f"cannot write {type(v).__name__} value {v!r} to TOML")
-
-
-def _is_table_array(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, Mapping) for x in v)
-
-
-def dumps_toml(data: Mapping[str, Any], _prefix: str = "") -> str:
-    """TOML text for nested dicts of str/int/float/bool/lists; None values are left out."""
-    lines: list[str] = []
-    tables: list[tuple[str, Any]] = []
-    for k, v in data.items():
-        if v is None:
-            continue
-        if isinstance(v, Mapping) or _is_table_array(v):
-            tables.append((k, v))
-        else:
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    out = "\n".join(lines)
-    for k, v in tables:
-        name = f"{_prefix}{_toml_key(k)}"
-        if isinstance(v, Mapping):
-            body = dumps_toml(v, f"{name}.")
-            out += f"\n\n[{name}]\n{body}" if out or _prefix else f"[{name}]\n{body}"
-        else:
-            for item in v:
-                body = dumps_toml(item, f"{name}.")
-                out += f"\n\n[[{name}]]\n{body}"
-    return out.strip("\n") + ("\n" if not _prefix else "")
-
-
-# ---- writing -------------------------------------------------------------------------------------
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def _clean(o: Any) -> Any:
-    """NaN/inf -> None so metrics.json stays strict JSON."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, Mapping):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
-
-
-def dumps_json(obj: Any) -> str:
-    return json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
 
 
 def is_run_folder(path: Path) -> bool:
@@ -319,3 +234,139 @@ def load_run(path: str | Path) -> RunRecord:
     except json.JSONDecodeError as e:
         raise RunFormatError(f"{p / 'env.json'}: not valid JSON ({e})") from None
     return RunRecord(path=p, config=config, metrics=metrics, env=env)
+
+
+# ---- a run as compare and report read it: every file validated --------------------------------
+
+REQUEST_COLUMNS = ("variant", "request_id", "user", "target", "rank_retrieval", "rank_esr",
+                   "rank_lsr")
+LATENCY_COLUMNS = ("variant", "stage", "batch", "batch_size", "ms")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One saved run folder, validated."""
+
+    path: Path
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    env: dict[str, Any]
+    requests: pl.DataFrame  # one row per (variant, request)
+    latency: pl.DataFrame  # one row per (variant, stage, batch)
+
+    @property
+    def name(self) -> str:
+        return str(self.metrics.get("name") or self.path.name)
+
+    @property
+    def variants(self) -> list[str]:
+        """ESR variant labels, primary first, then baseline, then the others in file order."""
+        labels = list(self.metrics["variants"])
+        first = [x for x in (self.metrics.get("primary"), self.metrics.get("baseline")) if x]
+        return [*[x for x in first if x in labels], *[x for x in labels if x not in first]]
+
+    @property
+    def primary(self) -> str:
+        return self.variants[0]
+
+    def stages(self, variant: str) -> list[dict[str, Any]]:
+        return list(self.metrics["variants"][variant]["stages"])
+
+    def stage_names(self, variant: str | None = None) -> list[str]:
+        return [s["name"] for s in self.stages(variant or self.primary)]
+
+    def final_names(self, variant: str | None = None) -> list[str]:
+        return list(self.metrics["variants"][variant or self.primary]["final"])
+
+    @property
+    def traffic_key(self) -> str:
+        return str(self.metrics["data"]["traffic_key"])
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed", self.metrics.get("seed"))
+
+    def stage_latency(self) -> pl.DataFrame:
+        """latency.parquet with every row attributed to a variant: rows of a stage shared by all
+        variants (a label that is not a variant, e.g. the retrieval run once per batch) are
+        repeated for each variant, so that per-variant full-funnel sums include them."""
+        lat = self.latency.select(
+            pl.col("variant").cast(pl.String), pl.col("stage").cast(pl.String),
+            pl.col("batch").cast(pl.Int64), pl.col("batch_size").cast(pl.Int64),
+            pl.col("ms").cast(pl.Float64),
+        )
+        variants = self.variants
+        own = lat.filter(pl.col("variant").is_in(variants))
+        shared = lat.filter(~pl.col("variant").is_in(variants) | pl.col("variant").is_null())
+        if shared.height:
+            v = pl.DataFrame({"variant": variants}, schema={"variant": pl.String})
+            own = pl.concat([own, shared.drop("variant").join(v, how="cross").select(lat.columns)])
+        return own
+
+    def funnel_latency(self) -> pl.DataFrame:
+        """Per (variant, batch): the summed latency of every stage, what one batch of requests
+        waits for end to end. Columns variant, batch, batch_size, ms."""
+        return (
+            self.stage_latency()
+            .group_by("variant", "batch")
+            .agg(pl.col("batch_size").max(), pl.col("ms").sum())
+            .sort("variant", "batch")
+        )
+
+
+def _read_parquet(path: Path, folder: Path, columns: Sequence[str]) -> pl.DataFrame:
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - polars raises several kinds for a corrupt file
+        raise RunFormatError(f"run folder {folder}: cannot read {path.name}: {e}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise RunFormatError(
+            f"run folder {folder}: {path.name} lacks column(s) {', '.join(missing)} "
+            f"(has {', '.join(frame.columns)})"
+        )
+    return frame
+
+
+def _check_metrics(m: dict[str, Any], folder: Path) -> None:
+    where = f"run folder {folder}: metrics.json"
+    for key in ("data", "budgets", "variants"):
+        if key not in m:
+            raise RunFormatError(f"{where} lacks {key!r}")
+    if "traffic_key" not in m["data"]:
+        raise RunFormatError(f"{where} lacks 'data.traffic_key'")
+    if not isinstance(m["variants"], dict) or not m["variants"]:
+        raise RunFormatError(f"{where} has no ESR variants under 'variants'")
+    for label, v in m["variants"].items():
+        for key in ("stages", "final"):
+            if key not in v:
+                raise RunFormatError(f"{where} lacks 'variants.{label}.{key}'")
+        for i, s in enumerate(v["stages"]):
+            lacking = [k for k in ("name", "k", "recall") if k not in s]
+            if lacking:
+                raise RunFormatError(f"{where}: variants.{label}.stages[{i}] lacks {lacking}")
+
+
+def read_run(path: str | Path) -> Run:
+    """Read and validate one run folder: `cascade.records.load_run` (folder, files, format),
+    then what a comparison needs (metrics fields, parquet columns, a request row per variant).
+    Raises a `ValueError` (`RunFormatError` or `RunFormatError`) naming the folder and what is wrong."""
+    rec = load_run(path)
+    folder = rec.path
+    _check_metrics(rec.metrics, folder)
+    requests = _read_parquet(folder / "requests.parquet", folder, REQUEST_COLUMNS)
+    latency = _read_parquet(folder / "latency.parquet", folder, LATENCY_COLUMNS)
+    run = Run(folder, rec.metrics, rec.config, rec.env, requests, latency)
+    have = set(requests["variant"].unique().to_list())
+    lacking = [v for v in run.variants if v not in have]
+    if lacking:
+        raise RunFormatError(
+            f"run folder {folder}: requests.parquet has no rows for variant(s) {lacking}"
+        )
+    return run
+
+
+def read_runs(paths: Sequence[str | Path]) -> list[Run]:
+    if not paths:
+        raise RunFormatError("give at least one run folder")
+    return [read_run(p) for p in paths]

@@ -21,15 +21,9 @@ import polars as pl
 import torch
 
 from cascade.data.traffic import Traffic
-from cascade.metrics import (
-    hit_rate,
-    ndcg,
-    overlap_at_k,
-    recall,
-    reciprocal_rank,
-    target_ranks,
-)
+from cascade.metrics import final_values
 from cascade.pipeline import Pipeline
+from cascade.util.ranking import overlap_at_k, ranks_from_scores, recall, target_ranks
 
 LATENCY_SCHEMA = {
     "variant": pl.String,
@@ -62,11 +56,11 @@ class ReplayResult:
     def valid(self) -> np.ndarray:
         return self.targets >= 0
 
-    def requests_frame(self, k: int = 10) -> pl.DataFrame:
+    def requests_frame(self) -> pl.DataFrame:
         """One row per (variant, request): ranks of the first target after each stage (null once
-        dropped), the fraction of targets after each stage, and hit@k / ndcg@k / rr of the final
-        list (k is capped at the final budget)."""
-        k = min(k, self.final_k)
+        dropped), the fraction of targets after each stage, and every registered final metric
+        (`cascade.metrics.final_metrics`) of the final list, and of the oracle list as
+        `oracle_<key>`."""
         v = self.valid
         frames = []
         for name in self.variants:
@@ -85,15 +79,10 @@ class ReplayResult:
             ):
                 cols[f"rank_{stage}"] = _nullable(r[:, 0])
                 cols[f"recall_{stage}"] = recall(r, v)
-            lsr = self.rank_lsr[name]
-            cols["hit@10"] = hit_rate(lsr, v, k)
-            cols["ndcg@10"] = ndcg(lsr, v, k)
-            cols["rr"] = reciprocal_rank(lsr, v)
+            cols.update(final_values(self.rank_lsr[name], v, self.final_k))
             if self.rank_oracle is not None:
                 cols["rank_oracle"] = _nullable(self.rank_oracle[:, 0])
-                cols["oracle_hit@10"] = hit_rate(self.rank_oracle, v, k)
-                cols["oracle_ndcg@10"] = ndcg(self.rank_oracle, v, k)
-                cols["oracle_rr"] = reciprocal_rank(self.rank_oracle, v)
+                cols.update(final_values(self.rank_oracle, v, self.final_k, prefix="oracle_"))
                 cols["consistency"] = self.consistency[name]
             frames.append(pl.DataFrame(cols))
         return pl.concat(frames)
@@ -220,8 +209,6 @@ def full_catalogue_ranks(
     `cascade.metrics.ranks_from_scores`); an excluded target gets -1."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from cascade.metrics import ranks_from_scores
-
     R, T = traffic.targets.shape
     out = np.full((R, T), -1, np.int64)
     with Progress(
@@ -241,7 +228,9 @@ def full_catalogue_ranks(
 
 
 def mask_seen(scores: torch.Tensor, batch) -> torch.Tensor:
-    """A copy of `scores` with the items in each request's history at -inf."""
-    from cascade.stages.features import exclude_history_
-
-    return exclude_history_(scores.clone(), batch)
+    """A copy of `scores` with the items in each request's history at -inf (a copy: a user's
+    `score_all` may return a tensor it still holds)."""
+    r, c = batch.hist_mask.nonzero(as_tuple=True)
+    out = scores.clone()
+    out[r, batch.hist_items[r, c]] = float("-inf")
+    return out

@@ -1,6 +1,6 @@
 """`report.md`: a run folder a person can read without opening JSON.
 
-`write_report(run_dir)` reads a finished run folder (format "cascade-run/1", see
+`write_report(run_dir)` reads a finished run folder (see
 `cascade.records`), draws its figures into `figures/` (funnel and per-stage latency, each PNG
 beside the CSV it was drawn from) and writes `report.md`: the configuration in words, the funnel
 table (every stage named, with its K, recall and latency), per-stage latency, the final metrics,
@@ -19,8 +19,11 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from cascade.compare import FUNNEL_STAGE, Run, entry_values, read_run
-from cascade.figures import write_atomic
+from cascade.compare import entry_values
+from cascade.metrics import FUNNEL_STAGE
+from cascade.records import Run, read_run
+from cascade.metrics import final_metrics
+from cascade.util.fsio import atomic_write_bytes
 
 FIGURES = (
     ("funnel", "Recall after each stage of the funnel, one line per ESR variant."),
@@ -168,22 +171,21 @@ def _latency_section(run: Run) -> str:
 
 
 def _final_section(run: Run) -> str:
-    finals = run.final_names()
+    finals = [m for m in final_metrics() if m.key in run.final_names()]
     rows = []
     for v in run.variants:
         vm = run.metrics["variants"][v]
-        share = (vm.get("vs_lsr_full_catalogue") or {}).get("ndcg@10")
-        rows.append([f"`{v}`", *[vm["final"].get(k) for k in finals],
-                     _f(vm.get("throughput_rps"), 1), share])
-    out = md_table(["variant", *finals, "throughput req/s", "ndcg@10 / LSR alone"], rows)
-    return out + ("\n*ndcg@10 / LSR alone*: the funnel's NDCG@10 over that of the LSR scoring "
+        share = vm.get("vs_lsr_full_catalogue") or {}
+        rows.append([f"`{v}`", *[vm["final"].get(m.key) for m in finals],
+                     _f(vm.get("throughput_rps"), 1), *[share.get(m.key) for m in finals]])
+    out = md_table(["variant", *[m.label for m in finals], "throughput req/s",
+                    *[f"{m.label} / LSR alone" for m in finals]], rows)
+    return out + ("\n*/ LSR alone*: the funnel's value over that of the LSR scoring "
                   "the whole catalogue, both on the requests the reference scored (see References).\n")
 
 
 def _comparison_section(run: Run) -> str | None:
     comps = run.metrics.get("comparisons") or {}
-    if not comps and run.metrics.get("comparison"):
-        comps = {run.metrics.get("primary"): run.metrics["comparison"]}
     rows = []
     for label, comp in comps.items():
         for metric, c in (comp or {}).items():
@@ -232,20 +234,20 @@ def _breakdowns(run: Run) -> str:
 
 
 def _funnel_loss(run: Run) -> str | None:
+    finals = [m for m in final_metrics() if m.key in run.final_names()]
     rows = []
     for v in run.variants:
         fl = run.metrics["variants"][v].get("funnel_loss")
         if not isinstance(fl, dict):
             continue
         orc = fl.get("oracle") or {}
-        rows.append([f"`{v}`", orc.get("ndcg@10"), fl.get("ndcg@10"), orc.get("hr@10"),
-                     fl.get("hr@10"), fl.get("esr_cut_rate"),
-                     run.metrics["variants"][v].get("consistency@10")])
+        rows.append([f"`{v}`", *[x for m in finals for x in (orc.get(m.key), fl.get(m.key))],
+                     fl.get("esr_cut_rate"), run.metrics["variants"][v].get("consistency@10")])
     if not rows:
         return None
-    return md_table(["variant", "LSR on all retrieved: ndcg@10", "ndcg@10 lost to the ESR cut",
-                     "LSR on all retrieved: hr@10", "hr@10 lost", "ESR cut rate",
-                     "consistency@10"], rows) + (
+    heads = [h for m in finals for h in (f"LSR on all retrieved: {m.label}",
+                                         f"{m.label} lost to the ESR cut")]
+    return md_table(["variant", *heads, "ESR cut rate", "consistency@10"], rows) + (
         "\nThe LSR scoring every retrieved candidate is what the funnel would return without "
         "the ESR's cut; the loss is that minus the funnel's result. *ESR cut rate*: of the "
         "targets the LSR would have put in its top 10, the share the ESR dropped. "
@@ -308,7 +310,7 @@ def _headline(run: Run) -> str:
         return (f"`{v}` {q} {_f(m['variants'][v]['final'].get(q))}, full-funnel p99 "
                 f"{_f(p99.get(v), 2)} ms per batch")
     text = "**Result**: " + "; ".join(one(v) for v in run.variants) + "."
-    comp = (m.get("comparison") or {}).get(q)
+    comp = ((m.get("comparisons") or {}).get(prim) or {}).get(q)
     if base and comp and comp.get("delta") is not None:
         lo, hi = comp["ci95"]
         verdict = ("better" if lo > 0 else "worse" if hi < 0 else
@@ -389,6 +391,6 @@ def write_report(run_dir: str | Path) -> Path:
             drawn[f"{name}:error"] = f"{type(e).__name__}: {e}"
     text = render_report(run, drawn)
     path = run.path / "report.md"
-    write_atomic(path, text.encode())
+    atomic_write_bytes(path, text.encode())
     return path
 

@@ -1,9 +1,8 @@
 """Budget sweeps: `cascade sweep`, the quality-latency trade-off an early-stage ranker exists for.
 
-A sweep takes one run configuration (`cascade.experiment.RunConfig`: data, split, retrieval,
+A sweep takes one run configuration (`cascade.config.RunConfig`: data, split, retrieval,
 the ESR choices, LSR) and a grid of budgets: retrieval K x ESR K. Every stage is built and fitted
-ONCE (`cascade.experiment.build_stage` + `prepare`'s `FitContext`; learned stages also come from
-their checkpoint cache), then the test traffic is replayed through a `Pipeline` per budget pair
+ONCE (`cascade.session.fit_funnel`; learned stages also come from their checkpoint cache), then the test traffic is replayed through a `Pipeline` per budget pair
 (`cascade.replay.replay`); all ESR choices ride in the same pipeline, so at each budget pair they
 score the same retrieved candidates. Each (ESR, retrieval K, ESR K) is a point with its final
 quality (NDCG@10 over the test requests) and its full-funnel latency (the per-batch sum of every
@@ -31,25 +30,15 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import polars as pl
 
+from cascade.metrics import frontier_mask
+
 if TYPE_CHECKING:
     from cascade.data.dataset import Dataset
-    from cascade.experiment import RunConfig
+    from cascade.config import RunConfig
 
 SWEEP_FORMAT = "cascade-sweep/1"
 QUALITY = "ndcg@10"
 LATENCY = "p99_ms"
-
-
-def frontier_mask(quality: np.ndarray, latency: np.ndarray) -> np.ndarray:
-    """(n,) bool: True where no other point has quality >= and latency <= with one strictly
-    better (the non-dominated points; higher quality and lower latency are better)."""
-    q = np.asarray(quality, dtype=np.float64)
-    lat = np.asarray(latency, dtype=np.float64)
-    if q.shape != lat.shape or q.ndim != 1:
-        raise ValueError(f"quality and latency must be 1-d of one length, got {q.shape}, {lat.shape}")
-    ge = (q[None, :] >= q[:, None]) & (lat[None, :] <= lat[:, None])  # [i, j]: j at least as good
-    gt = (q[None, :] > q[:, None]) | (lat[None, :] < lat[:, None])
-    return ~(ge & gt).any(axis=1)
 
 
 def best_under_budget(quality: np.ndarray, latency: np.ndarray, budget_ms: float) -> int | None:
@@ -149,16 +138,14 @@ class SweepResult:
 
 
 def _point_metrics(frame: pl.DataFrame, latency: pl.DataFrame, variant: str) -> dict[str, Any]:
-    from cascade.metrics import funnel_latency, quality_summary, throughput
+    from cascade.metrics import final_metrics, funnel_latency, quality_summary, throughput
 
     q = quality_summary(frame.filter(pl.col("variant") == variant))
     per_batch, _, total_ms = funnel_latency(latency, variant)
     return {
         "recall_retrieval": q["recall"]["retrieval"],
         "recall_esr": q["recall"]["esr"],
-        "hr@10": q["hr@10"],
-        QUALITY: q["ndcg@10"],
-        "mrr": q["mrr"],
+        **{m.key: q[m.key] for m in final_metrics()},
         "p50_ms": per_batch["p50"],
         LATENCY: per_batch["p99"],
         "throughput_rps": throughput(q["n_requests"], total_ms),
@@ -178,52 +165,29 @@ def run_sweep(
     """Fit every stage of `cfg` once, replay the test traffic for each budget pair of the grid
     with all of `cfg`'s ESR choices, and return the points, the frontier and the choice under
     `budget_ms` (see the module docstring). `dataset` skips loading `cfg.data`."""
-    from cascade.experiment import (
-        REPEAT_SHARE_FOR_EXCLUDE, build_stage, prepare, repeat_share, run_overrides,
-        traffic_key,
-    )
     from cascade.env import capture
-    from cascade.pipeline import Budgets, Pipeline, stage_label
+    from cascade.pipeline import Budgets
     from cascade.replay import replay
+    from cascade.session import fit_funnel, traffic_key
 
     if budget_ms is not None and not (isinstance(budget_ms, (int, float))
                                       and math.isfinite(budget_ms) and budget_ms > 0):
         raise ValueError(f"--p99-ms must be a positive number of milliseconds, got {budget_ms!r}")
     say = log or (lambda _msg: None)
     t_start = time.perf_counter()
-    specs, primary, baseline = cfg.variant_specs()
-    # every stage resolves before any data is read
-    build_stage("retrieval", cfg.retrieval, run_overrides(cfg, "retrieval", cfg.retrieval, True))
-    esrs = {label: build_stage("esr", spec) for label, spec in specs.items()}
-    build_stage("lsr", cfg.lsr, run_overrides(cfg, "lsr", cfg.lsr, True))
-
-    prepared = prepare(cfg, dataset=dataset, progress=progress)
-    ds, split, ctx, test = prepared
+    funnel = fit_funnel(cfg, dataset=dataset, progress=progress, log=say)
+    ds, split, ctx, test = funnel.prepared
+    specs, esrs = funnel.specs, funnel.esrs
     pairs, notes = grid_pairs(retrieval_ks, esr_ks, final_k=cfg.final_k, n_items=ds.n_items)
-    exclude_seen = cfg.exclude_seen
-    if exclude_seen is None:
-        exclude_seen = repeat_share(split) < REPEAT_SHARE_FOR_EXCLUDE
-    retriever = build_stage(
-        "retrieval", cfg.retrieval, run_overrides(cfg, "retrieval", cfg.retrieval, exclude_seen)
-    )
-    lsr = build_stage("lsr", cfg.lsr, run_overrides(cfg, "lsr", cfg.lsr, exclude_seen))
     say(f"sweep over {len(pairs)} budget pairs x {len(esrs)} ESR choice(s) on {ds.name} "
         f"({len(test):,} test requests)")
-
-    fits: dict[str, float] = {}
-    for what, stage in [("retrieval", retriever), *[(f"esr:{k}", v) for k, v in esrs.items()],
-                        ("lsr", lsr)]:
-        t0 = time.perf_counter()
-        stage.fit(ctx)
-        fits[what] = time.perf_counter() - t0
-        say(f"fitted {what} ({stage_label(stage)}) in {fits[what]:.1f}s")
+    fits = {what: f["seconds"] for what, f in funnel.fits.items()}
 
     rows = []
     t_replay = time.perf_counter()
     for r_k, e_k in pairs:
         budgets = Budgets(retrieval=r_k, esr=e_k, final=cfg.final_k)
-        pipe = Pipeline(retriever, esrs, lsr, budgets, device=ctx.device)
-        rep = replay(pipe, test, batch_size=cfg.batch_size, oracle=False, warmup=cfg.warmup,
+        rep = replay(funnel.pipeline(budgets), test, batch_size=cfg.batch_size, oracle=False, warmup=cfg.warmup,
                      progress=progress, description=f"retrieval {r_k} -> esr {e_k}")
         frame = rep.requests_frame()
         for label in esrs:
@@ -248,7 +212,7 @@ def run_sweep(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": {"name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint(),
                  "split": split.key(), "n_requests": len(test), "traffic_key": traffic_key(test),
-                 "n_items": ds.n_items, "exclude_seen": exclude_seen},
+                 "n_items": ds.n_items, "exclude_seen": ctx.exclude_seen},
         "stages": {"retrieval": cfg.retrieval.to_dict(), "lsr": cfg.lsr.to_dict(),
                    "esr": {k: v.to_dict() for k, v in specs.items()}},
         "grid": {"retrieval_k": sorted({p[0] for p in pairs}),
@@ -268,8 +232,12 @@ def run_sweep(
 # rendering and writing
 # --------------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("esr", "retrieval_k", "esr_k", "recall_retrieval", "recall_esr", "hr@10",
-                 QUALITY, "p50_ms", LATENCY, "throughput_rps")
+def table_columns() -> tuple[str, ...]:
+    """The markdown/CSV columns: budgets, recall, every registered final metric, latency."""
+    from cascade.metrics import final_metrics
+
+    return ("esr", "retrieval_k", "esr_k", "recall_retrieval", "recall_esr",
+            *(m.key for m in final_metrics()), "p50_ms", LATENCY, "throughput_rps")
 
 
 RICH_COLUMNS = ("esr", "retrieval_k", "esr_k", "recall_esr", QUALITY, LATENCY, "throughput_rps")
@@ -299,10 +267,11 @@ def _sorted_points(res: SweepResult) -> pl.DataFrame:
 
 
 def to_markdown(res: SweepResult) -> str:
-    head = [*TABLE_COLUMNS, ""]
+    columns = table_columns()
+    head = [*columns, ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in _sorted_points(res).iter_rows(named=True):  # one row per grid point
-        lines.append("| " + " | ".join([*(_cell(c, row[c]) for c in TABLE_COLUMNS),
+        lines.append("| " + " | ".join([*(_cell(c, row[c]) for c in columns),
                                         _marks(row).strip(", ")]) + " |")
     out = "\n".join(lines) + "\n"
     front = ", ".join(f"{r['label']} ({r[QUALITY]:.4f}, {r[LATENCY]:.3f} ms)"

@@ -50,7 +50,7 @@ def _train_override(kind: str, stage: str, train: dict) -> dict:
 def _config(args, *, name, data, data_options=None, split=None, train=None, **kw):
     from cascade.data.splits import SplitConfig
 
-    from cascade.experiment import RunConfig, StageSpec
+    from cascade.config import RunConfig, StageSpec
 
     train = train or {}
 

@@ -58,7 +58,7 @@ def test_cli_run_writes_a_complete_run_folder(cli_run):
     for f in ("config.toml", "metrics.json", "requests.parquet", "latency.parquet", "env.json"):
         assert (tmp / "run" / f).is_file()
     m = json.loads((tmp / "run" / "metrics.json").read_text())
-    assert m["format"] == "cascade-run/1"
+    assert m["format"] == "cascade-run/2"
     assert m["budgets"] == {"retrieval": 75, "esr": 20, "final": 10}
     assert m["primary"] == "MFRanker" and m["baseline"] == "PopRanker"
     assert set(m["data"]) >= {"name", "source", "fingerprint", "split", "n_requests", "traffic_key"}
@@ -72,7 +72,7 @@ def test_cli_run_writes_a_complete_run_folder(cli_run):
         assert v["throughput_rps"] > 0
         assert {"consistency@10", "funnel_loss", "by_history_length", "by_popularity"} <= set(v)
     for metric in ("hr@10", "ndcg@10", "mrr", "recall@esr"):
-        assert set(m["comparison"][metric]) >= {"variant", "baseline", "delta", "ci95"}
+        assert set(m["comparisons"][m["primary"]][metric]) >= {"variant", "baseline", "delta", "ci95"}
     assert set(m["reference"]) >= {"lsr_full_catalogue", "most_popular"}
     assert run.config["seed"] == 1 and run.config["data"] == "synthetic:tiny"
     assert run.requests().height == 2 * m["data"]["n_requests"]

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from cascade.cli import app
 from cascade.compare import compare_runs, read_run, read_runs, write_comparison
-from cascade.experiment import RunConfig, StageSpec, run_experiment
+from cascade.config import RunConfig, StageSpec
+from cascade.experiment import run_experiment
 from cascade.report import write_report
 from funnel_toys import planted_dataset
 
@@ -43,6 +44,10 @@ def toy_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "cascade-cache"
 
 
+def _with_report(folder: Path, metrics: dict) -> None:
+    write_report(folder)  # as `cascade run` does: inside the run folder before it appears
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, toy_cache) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
@@ -50,14 +55,14 @@ def runs(tmp_path_factory, toy_cache) -> dict[str, Path]:
     a = run_experiment(
         _cfg(root / "A", toy_cache, name="A", esr_variants=(
             StageSpec(stage=MF, label="mf"), StageSpec(stage=POP, label="pop", baseline=True))),
-        dataset=ds, progress=False,
+        dataset=ds, progress=False, extras=_with_report,
     )
     b = run_experiment(_cfg(root / "B", toy_cache, name="B", esr=StageSpec(stage=POP, label="pop")),
-                       dataset=ds, progress=False)
+                       dataset=ds, progress=False, extras=_with_report)
     c = run_experiment(
         _cfg(root / "C", toy_cache, name="C", esr=StageSpec(stage=POP, label="pop"),
              lsr=StageSpec(stage=POP)),
-        dataset=planted_dataset(seed=1), progress=False,
+        dataset=planted_dataset(seed=1), progress=False, extras=_with_report,
     )
     return {"A": a.path, "B": b.path, "C": c.path, "root": root}
 
@@ -88,7 +93,7 @@ def test_same_traffic_gives_paired_deltas_with_intervals(runs):
     # the same stage on the same traffic in another run gives the same paired numbers...
     assert c.deltas[("A/pop", "ndcg@10")] == pytest.approx(c.deltas[("B/pop", "ndcg@10")])
     # ...which are the run's own comparison (mf - pop) with the sign flipped
-    own = json.loads((runs["A"] / "metrics.json").read_text())["comparison"]["ndcg@10"]
+    own = json.loads((runs["A"] / "metrics.json").read_text())["comparisons"]["mf"]["ndcg@10"]
     assert c.deltas[("A/pop", "ndcg@10")][0] == pytest.approx(-own["delta"])
     # latency is compared unpaired: values, no interval
     assert ("B/pop", "p99_ms@funnel") not in c.deltas

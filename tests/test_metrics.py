@@ -81,9 +81,9 @@ def test_survival_chain_and_quality_summary_on_a_frame():
         "recall_retrieval": [1.0, 1.0, 0.0, 1.0],
         "recall_esr": [1.0, 0.0, 0.0, 1.0],
         "recall_lsr": [1.0, 0.0, 0.0, 0.0],
-        "hit@10": [1.0, 0.0, 0.0, 0.0],
+        "hr@10": [1.0, 0.0, 0.0, 0.0],
         "ndcg@10": [1.0, 0.0, 0.0, 0.0],
-        "rr": [1.0, 0.0, 0.0, 0.0],
+        "mrr": [1.0, 0.0, 0.0, 0.0],
     }, schema_overrides={c: pl.Int64 for c in ("rank_retrieval", "rank_esr", "rank_lsr")})
     s = M.survival_chain(frame)
     assert s == pytest.approx({"retrieval": 0.75, "esr": 2 / 3, "lsr": 0.5})
@@ -175,9 +175,9 @@ def test_compare_variants_pairs_by_request_id():
         "request_id": [1, 2, 3, 4, 4, 3, 2, 1],  # b's rows in another order
         "recall_esr": [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0],
         "recall_lsr": [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
-        "hit@10": [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        "hr@10": [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
         "ndcg@10": [1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.5],
-        "rr": [1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.5],
+        "mrr": [1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.5],
     })
     c = M.compare_variants(frame, "a", "b", n_resamples=200)
     # paired: request 4 gains 1 hit, the others are equal -> delta 0.25

@@ -13,13 +13,9 @@ import pytest
 import torch
 from cascade.stages.base import StageError
 
-from cascade.experiment import (
-    RunConfig,
-    StageSpec,
-    build_stage,
-    prepare,
-    run_experiment,
-)
+from cascade.config import RunConfig, StageSpec, build_stage
+from cascade.experiment import run_experiment
+from cascade.session import prepare
 from cascade.pipeline import Budgets, Pipeline, default_budgets, resolve_budgets
 from cascade.records import RunFormatError, load_run, write_run
 from cascade.replay import replay
@@ -169,7 +165,7 @@ def test_recall_never_increases_through_the_funnel(toy_run):
     # the learned ESR beats popularity on planted sequential signal, through the same LSR
     mf, pop = res.metrics["variants"]["mf"], res.metrics["variants"]["pop"]
     assert mf["stages"][1]["recall"] > pop["stages"][1]["recall"] + 0.2
-    assert res.metrics["comparison"]["recall@esr"]["ci95"][0] > 0
+    assert res.metrics["comparisons"]["mf"]["recall@esr"]["ci95"][0] > 0
 
 
 def test_variants_share_retrieval_and_the_metrics_match_the_rows(toy_run):
@@ -179,7 +175,7 @@ def test_variants_share_retrieval_and_the_metrics_match_the_rows(toy_run):
     b = f.filter(pl.col("variant") == "pop").sort("request_id")
     assert a["rank_retrieval"].equals(b["rank_retrieval"])  # both ESRs saw the same candidates
     v = res.metrics["variants"]["mf"]
-    assert v["final"]["hr@10"] == pytest.approx(a["hit@10"].mean())
+    assert v["final"]["hr@10"] == pytest.approx(a["hr@10"].mean())
     assert v["final"]["hr@10"] == pytest.approx(a["rank_lsr"].is_not_null().mean())
     assert v["final"]["mrr"] == pytest.approx((1.0 / (a["rank_lsr"].drop_nulls() + 1)).sum() / a.height)
     assert v["stages"][1]["survival"] == pytest.approx(
@@ -212,9 +208,9 @@ def test_run_folder_is_complete_and_documented(toy_run):
     _, _, res = toy_run
     run = load_run(res.path)
     m = run.metrics
-    assert m["format"] == "cascade-run/1"
+    assert m["format"] == "cascade-run/2"
     for key in ("name", "created", "data", "budgets", "primary", "baseline", "variants",
-                "comparison", "reference"):
+                "comparisons", "reference"):
         assert key in m
     assert set(m["data"]) >= {"name", "source", "fingerprint", "split", "n_requests", "traffic_key"}
     assert m["primary"] == "mf" and m["baseline"] == "pop"
@@ -226,13 +222,13 @@ def test_run_folder_is_complete_and_documented(toy_run):
         assert set(s["latency_per_request_ms"]) == {"p50", "p95", "p99", "mean"}
     assert set(v["final"]) == {"hr@10", "ndcg@10", "mrr"}
     for metric in ("hr@10", "ndcg@10", "mrr", "recall@esr"):
-        c = m["comparison"][metric]
+        c = m["comparisons"]["mf"][metric]
         assert c["variant"] == "mf" and c["baseline"] == "pop"
         assert c["ci95"][0] <= c["delta"] <= c["ci95"][1]
     assert set(m["reference"]) >= {"lsr_full_catalogue", "most_popular"}
     req = run.requests()
     for col in ("variant", "request_id", "user", "target", "hist_len", "pop_bucket",
-                "rank_retrieval", "rank_esr", "rank_lsr", "hit@10", "ndcg@10", "rr"):
+                "rank_retrieval", "rank_esr", "rank_lsr", "hr@10", "ndcg@10", "mrr"):
         assert col in req.columns
     assert req.height == 2 * m["data"]["n_requests"]
     assert run.latency().columns == ["variant", "stage", "batch", "batch_size", "ms"]
@@ -449,7 +445,7 @@ def test_a_plugin_written_by_the_user_runs_end_to_end(planted, tmp_path, monkeyp
     assert v["esr"] == "my_ranker:RecentItemRanker"
     # the planted data walks to the next id: the plugin's rule finds it
     assert v["stages"][1]["recall"] > 0.5
-    assert res.metrics["baseline"] is None and res.metrics["comparison"] is None
+    assert res.metrics["baseline"] is None and res.metrics["comparisons"] is None
 
 
 def test_esr_variants_make_one_ablation_run(planted, tmp_path):
@@ -469,7 +465,6 @@ def test_esr_variants_make_one_ablation_run(planted, tmp_path):
     assert list(m["variants"]) == ["mf8", "mf4", "pop"]
     assert m["primary"] == "mf8" and m["baseline"] == "pop"
     assert set(m["comparisons"]) == {"mf8", "mf4"}
-    assert m["comparison"] == m["comparisons"]["mf8"]
     toml = (res.path / "config.toml").read_text()
     assert "[[esr_variants]]" in toml
     again = RunConfig.load(res.path / "config.toml")
@@ -488,7 +483,7 @@ def test_run_config_toml_errors(tmp_path):
     with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
         RunConfig.load(p)
     p.write_text('[split]\nkind = "random"\n')
-    with pytest.raises(ValueError, match="SplitConfig.kind must be 'loo' or 'temporal'"):
+    with pytest.raises(ValueError, match=r"split.kind must be one of \['loo', 'temporal'\]"):
         RunConfig.load(p)
     p.write_text("name = \n")
     with pytest.raises(ValueError, match="invalid TOML"):

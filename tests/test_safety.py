@@ -54,7 +54,7 @@ def test_a_run_folder_is_recognised_by_its_marker_not_by_a_file_name(tmp_path):
     assert (run / "my-notes.txt").read_text() == "keep me" and load_run(run).name == "second"
     fake = tmp_path / "fake"
     fake.mkdir()
-    (fake / "metrics.json").write_text(json.dumps({"format": "cascade-run/1"}))
+    (fake / "metrics.json").write_text(json.dumps({"format": "cascade-run/2"}))
     assert not is_run_folder(fake)
 
 

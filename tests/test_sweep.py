@@ -17,7 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cascade.cli import app
-from cascade.experiment import RunConfig, StageSpec, run_experiment
+from cascade.config import RunConfig, StageSpec
+from cascade.experiment import run_experiment
 from cascade.sweep import best_under_budget, frontier_mask, grid_pairs, run_sweep, write_sweep
 from funnel_toys import planted_dataset
 

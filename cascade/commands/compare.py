@@ -4,15 +4,13 @@ in `cascade.compare`, `cascade.report` and `cascade.sweep`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from cascade.data.dataset import DataError
 
 
 class Format(str, Enum):
@@ -20,18 +18,6 @@ class Format(str, Enum):
     markdown = "markdown"
     json = "json"
     csv = "csv"
-
-
-@contextlib.contextmanager
-def _clean_errors() -> Iterator[None]:
-    """Bad input -> one line on stderr and exit code 2, never a traceback."""
-    from cascade.stages.base import StageError
-
-    try:
-        yield
-    except (DataError, StageError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 def compare(
@@ -53,9 +39,8 @@ def compare(
     variant; otherwise only the unpaired summaries, and the output says why."""
     from cascade import compare as cmp
 
-    with _clean_errors():
-        c = cmp.compare_runs(cmp.read_runs(runs), n_boot=bootstrap, seed=seed)
-        written = cmp.write_comparison(c, out) if out is not None else []
+    c = cmp.compare_runs(cmp.read_runs(runs), n_boot=bootstrap, seed=seed)
+    written = cmp.write_comparison(c, out) if out is not None else []
     if fmt is Format.json:
         typer.echo(json.dumps(c.to_json(), indent=2))
     elif fmt is Format.csv:
@@ -79,8 +64,7 @@ def report(
     """(Re)draw a run's figures and write its report.md."""
     from cascade.report import write_report
 
-    with _clean_errors():
-        path = write_report(run)
+    path = write_report(run)
     typer.echo(f"wrote {path}")
 
 
@@ -103,7 +87,7 @@ def _ints(values: Optional[list[str]], option: str) -> list[int] | None:
 
 def _esr_specs(esrs: list[str]):
     """One ESR variant per --esr, labelled by its name (the class name for 'module:Class')."""
-    from cascade.experiment import StageSpec
+    from cascade.config import StageSpec
 
     short = [e.split(":")[-1] for e in esrs]
     labels = [sh if short.count(sh) == 1 else e for sh, e in zip(short, esrs)]
@@ -148,23 +132,22 @@ def sweep(
     against full-funnel p99 latency, the non-dominated frontier and, with --p99-ms, the best
     configuration whose p99 stays under that budget."""
     from cascade import sweep as sw
-    from cascade.commands.run import build_config
+    from cascade.config import config_with_overrides
 
     err = typer.echo if fmt is Format.table else (lambda m: typer.echo(m, err=True))
-    with _clean_errors():
-        r_ks = _ints(retrieval_k, "--retrieval-k")
-        e_ks = _ints(esr_k, "--esr-k")
-        if r_ks is None or e_ks is None:
-            raise ValueError("sweep needs --retrieval-k and --esr-k (one or more values each)")
-        cfg = build_config(config, dict(
-            data=data, retrieval=retrieval, lsr=lsr, final_k=final_k, index=index,
-            device=device, seed=seed, max_requests=max_requests, batch_size=batch_size,
-            cache_dir=cache_dir, esr_variants=_esr_specs(esr) if esr else None,
-        ))
-        res = sw.run_sweep(cfg, retrieval_ks=r_ks, esr_ks=e_ks, budget_ms=p99_ms,
-                           progress=not no_progress,
-                           log=None if no_progress else (lambda m: err(m)))
-        written = sw.write_sweep(res, out) if out is not None else []
+    r_ks = _ints(retrieval_k, "--retrieval-k")
+    e_ks = _ints(esr_k, "--esr-k")
+    if r_ks is None or e_ks is None:
+        raise ValueError("sweep needs --retrieval-k and --esr-k (one or more values each)")
+    cfg = config_with_overrides(config, dict(
+        data=data, retrieval=retrieval, lsr=lsr, final_k=final_k, index=index,
+        device=device, seed=seed, max_requests=max_requests, batch_size=batch_size,
+        cache_dir=cache_dir, esr_variants=_esr_specs(esr) if esr else None,
+    ))
+    res = sw.run_sweep(cfg, retrieval_ks=r_ks, esr_ks=e_ks, budget_ms=p99_ms,
+                       progress=not no_progress,
+                       log=None if no_progress else (lambda m: err(m)))
+    written = sw.write_sweep(res, out) if out is not None else []
     if fmt is Format.json:
         typer.echo(json.dumps(res.to_json(), indent=2, default=str))
     elif fmt is Format.csv:

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cascade.data.dataset import DataError
-from cascade.stages.base import StageError
+from cascade.config import config_with_overrides
+from cascade.metrics import final_metrics
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -53,7 +53,7 @@ def funnel_table(metrics: dict) -> Table:
     order = [x for x in (primary, baseline) if x in labels] + [
         x for x in labels if x not in (primary, baseline)
     ]
-    comp = metrics.get("comparison") or {}
+    comp = (metrics.get("comparisons") or {}).get(primary) or {}
     data = metrics["data"]
     title = (
         f"{metrics.get('name', '')}: {data['n_requests']:,} test requests, "
@@ -86,20 +86,22 @@ def funnel_table(metrics: dict) -> Table:
             [_fmt(v[x]["stages"][i]["survival"]) for x in order],
             end_section=i == len(stages) - 1,
         )
-    for name, key in (("HR@10", "hr@10"), ("NDCG@10", "ndcg@10"), ("MRR", "mrr")):
+    finals = final_metrics()
+    for i, m in enumerate(finals):
         row(
-            f"final {name}",
-            [_fmt(v[x]["final"][key]) for x in order],
-            _delta(comp.get(key)),
-            end_section=key == "mrr",
+            f"final {m.label}",
+            [_fmt(v[x]["final"].get(m.key)) for x in order],
+            _delta(comp.get(m.key)),
+            end_section=i == len(finals) - 1,
         )
     if first.get("consistency@10") is not None:
         row("ESR-LSR consistency@10", [_fmt(v[x]["consistency@10"]) for x in order])
-        row(
-            "funnel loss NDCG@10",
-            [_fmt((v[x].get("funnel_loss") or {}).get("ndcg@10")) for x in order],
-            end_section=True,
-        )
+        for i, m in enumerate(finals):
+            row(
+                f"funnel loss {m.label}",
+                [_fmt((v[x].get("funnel_loss") or {}).get(m.key)) for x in order],
+                end_section=i == len(finals) - 1,
+            )
     for i, s in enumerate(stages):
         for p in ("p50", "p95", "p99"):
             row(f"{s['name']} {p} ms/batch", [_ms(v[x]["stages"][i]["latency_ms"][p]) for x in order])
@@ -120,80 +122,44 @@ def reference_table(metrics: dict) -> Table | None:
     n = ref.get("n_requests")
     on = f", {n:,} test requests" if n is not None else ""
     table = Table(title=f"reference points (no funnel: every catalogue item scored{on})", title_justify="left")
-    for c in ("", "HR@10", "NDCG@10", "MRR"):
-        table.add_column(c, justify="right" if c else "left")
+    keys = [m.key for m in final_metrics()]
+    table.add_column("", justify="left")
+    for m in final_metrics():
+        table.add_column(m.label, justify="right")
     for name, key in (("LSR, full catalogue", "lsr_full_catalogue"), ("most popular", "most_popular")):
         r = ref.get(key) or {}
-        table.add_row(name, _fmt(r.get("hr@10")), _fmt(r.get("ndcg@10")), _fmt(r.get("mrr")))
+        table.add_row(name, *(_fmt(r.get(k)) for k in keys))
     for label, v in metrics["variants"].items():
         ratio = v.get("vs_lsr_full_catalogue")
         if ratio:
             same = v.get("final_on_reference_requests")
             if same:  # written only when the reference scored a subsample
-                table.add_row(f"funnel ({label}), same requests",
-                              *(_fmt(same.get(m)) for m in ("hr@10", "ndcg@10", "mrr")))
+                table.add_row(f"funnel ({label}), same requests", *(_fmt(same.get(k)) for k in keys))
             table.add_row(
                 f"funnel ({label}) / LSR full",
-                *(f"{ratio[m]:.1%}" if ratio.get(m) is not None else "-" for m in ("hr@10", "ndcg@10", "mrr")),
+                *(f"{ratio[k]:.1%}" if ratio.get(k) is not None else "-" for k in keys),
             )
     return table
 
 
-def _stage_override(old, stage: str | None):
-    """A CLI stage name replaces the TOML's spec, keeping its config when the stage is the same."""
-    from cascade.experiment import StageSpec
+def write_report_into(folder: Path, metrics: dict) -> None:
+    """The run folder's report.md and figures, written before the folder is published."""
+    from cascade.report import write_report
 
-    if stage is None:
-        return old
-    if old is not None and old.stage == stage:
-        return old
-    return StageSpec(stage=stage)
+    write_report(folder)
 
 
-def build_config(
-    config: Path | None,
-    overrides: dict[str, Any],
-):
-    """The RunConfig from an optional TOML file plus command-line overrides (None = not given)."""
-    import dataclasses
-
-    from cascade.experiment import RunConfig
-
-    cfg = RunConfig.load(config) if config is not None else RunConfig()
-    ch: dict[str, Any] = {}
-    o = {k: v for k, v in overrides.items() if v is not None}
-    if "esr" in o or "esr_baseline" in o:
-        if cfg.esr_variants:  # explicit ESRs on the command line replace the TOML's variants
-            ch["esr_variants"] = ()
-        ch["esr"] = _stage_override(cfg.esr, o.pop("esr", None))
-        ch["esr_baseline"] = _stage_override(cfg.esr_baseline, o.pop("esr_baseline", None))
-    for k in ("retrieval", "lsr"):
-        if k in o:
-            ch[k] = _stage_override(getattr(cfg, k), o.pop(k))
-    split_changes = {}
-    if "split" in o:
-        split_changes["kind"] = o.pop("split")
-    if "max_requests" in o:
-        split_changes["max_requests"] = o.pop("max_requests")
-    if split_changes:
-        ch["split"] = dataclasses.replace(cfg.split, **split_changes)
-    for k in ("out", "cache_dir"):
-        if k in o:
-            o[k] = str(o[k])
-    ch.update(o)
-    try:
-        return dataclasses.replace(cfg, **ch)
-    except (TypeError, ValueError) as e:
-        raise ValueError(str(e)) from None
-
-
-def execute(make_config: Callable[[], Any], no_progress: bool) -> tuple[Console, Any]:
+def execute(
+    make_config: Callable[[], Any], no_progress: bool,
+    extras: Callable[[Path, dict], None] = write_report_into,
+) -> tuple[Console, Any]:
     """Build the config and run the experiment, as `cascade run` and `cascade ablation` do:
-    log lines (the budgets always), and bad
-    input as one red line with exit code 2. Returns (console, RunResult)."""
+    log lines (the budgets always); `extras` adds files to the run folder before it appears
+    (the report by default). Errors reach the CLI's error boundary. Returns (console,
+    RunResult)."""
     from cascade.experiment import run_experiment
 
-    console = Console()
+    console = Console(emoji=False, highlight=False)
 
     def log(msg: str) -> None:
         # the budgets are part of the result: printed even with --no-progress
@@ -202,11 +168,8 @@ def execute(make_config: Callable[[], Any], no_progress: bool) -> tuple[Console,
         elif not no_progress:
             console.print(f"[dim]{escape(msg)}[/dim]", soft_wrap=True)
 
-    try:
-        return console, run_experiment(make_config(), progress=not no_progress, log=log)
-    except (DataError, StageError, ValueError) as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    return console, run_experiment(make_config(), progress=not no_progress, log=log,
+                                   extras=extras)
 
 
 def register(app: typer.Typer) -> None:
@@ -240,7 +203,7 @@ def register(app: typer.Typer) -> None:
         """Train (or load) retrieval, the ESR(s) and the LSR, replay the test traffic through the
         funnel, print recall through it and per-stage latency, and save the run folder."""
         console, result = execute(
-            lambda: build_config(
+            lambda: config_with_overrides(
                 config,
                 dict(
                     data=data, split=split, esr=esr, esr_baseline=esr_baseline,

@@ -32,17 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cascade.data.loaders import load_dataset
-from cascade.data.splits import SplitConfig, make_split, training_requests
+from cascade.config import RunConfig
 from cascade.data.traffic import RequestBatch, Traffic
-from cascade.stages.base import FitContext
+from cascade.session import prepare
 from cascade.stages.gesr import GESRStage
 from cascade.stages.lsr import LateStageRanker
 from cascade.stages.popular import PopularRanker
 from cascade.stages.retrieval import TwoTowerRetriever
 from cascade.metrics import hit_rate, mean, ndcg, ranks_from_scores, reciprocal_rank
 from cascade.replay import full_catalogue_ranks
-from cascade.stages.training import atomic_write_bytes, sampled_mrr
+from cascade.stages.training import sampled_mrr
+from cascade.util.fsio import atomic_write_bytes
 from cascade.stages.twotower import TwoTowerESR
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
@@ -147,18 +147,10 @@ def main() -> None:
 
     spec = args.data or ("synthetic:tiny" if args.quick else str(ML100K))
     t0 = time.perf_counter()
-    ds = load_dataset(spec)
-    split = make_split(ds, SplitConfig())
-    ctx = FitContext(
-        dataset=ds,
-        split=split,
-        train=Traffic(ds, training_requests(split), max_len=args.max_len),
-        valid=Traffic(ds, split.valid, max_len=args.max_len),
-        device=torch.device("cpu"),
-        cache_dir=args.cache_dir,
-        progress=False,
+    ds, split, ctx, test = prepare(
+        RunConfig(data=spec, max_len=args.max_len, device="cpu"), progress=False
     )
-    test = Traffic(ds, split.test, max_len=args.max_len)
+    ctx = replace(ctx, cache_dir=args.cache_dir)  # None: no checkpoint cache
     load_s = time.perf_counter() - t0
     popularity = ds.item_popularity(split.train)
     from cascade.stages.oracle import OracleDotRanker, OracleRanker

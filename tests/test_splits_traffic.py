@@ -23,8 +23,9 @@ def synthetic_ds() -> Dataset:
 
 @pytest.fixture(scope="session")
 def ml100k_ds(ml100k_path) -> Dataset:
-    loaders = pytest.importorskip("cascade.data.loaders")
-    return loaders.load_dataset(str(ml100k_path))
+    from cascade.data.loaders import load_dataset
+
+    return load_dataset(str(ml100k_path))
 
 
 @pytest.fixture(params=["synthetic", "ml100k"])

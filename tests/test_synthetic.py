@@ -222,9 +222,10 @@ def test_events_follow_the_ground_truth(tiny):
 
 
 def _context(ds: Dataset) -> FitContext:
-    split = make_split(ds, SplitConfig(kind="loo"))
-    return FitContext(dataset=ds, split=split, train=Traffic(ds, split.valid),
-                      valid=Traffic(ds, split.valid), device=torch.device("cpu"), progress=False)
+    from cascade.config import RunConfig
+    from cascade.session import prepare
+
+    return prepare(RunConfig(device="cpu"), dataset=ds, progress=False).ctx
 
 
 def _full_catalogue_metrics(ranker, ds: Dataset, ctx: FitContext) -> tuple[float, float]:

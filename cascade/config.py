@@ -168,6 +168,8 @@ class RunConfig:
             raise ValueError("RunConfig.split must be a SplitConfig")
         _int(self.max_len, "RunConfig.max_len", minimum=1)
         _int(self.seed, "RunConfig.seed", minimum=0)
+        if self.seed >= 2**32:
+            raise ValueError(f"RunConfig.seed must be < 2**32 (4294967296), got {self.seed}")
         _int(self.batch_size, "RunConfig.batch_size", minimum=1)
         _int(self.warmup, "RunConfig.warmup", minimum=0)
         _int(self.bootstrap, "RunConfig.bootstrap", minimum=10)

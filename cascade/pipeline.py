@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cascade.data.dataset import DataError
 from cascade.data.traffic import RequestBatch
 from cascade.stages.base import Candidates, Ranker, Retriever, StageError, check_scores
 
@@ -131,6 +132,28 @@ def stage_label(stage: object) -> str:
     return str(getattr(stage, "name", None) or type(stage).__name__)
 
 
+def stage_who(kind: str, stage: object, label: str | None = None) -> str:
+    """How errors name a stage: "esr stage 'gesr'", with the variant label when it differs."""
+    name = stage_label(stage)
+    if label is None or label == name:
+        return f"{kind} stage {name!r}"
+    return f"{kind} stage {label!r} ({name})"
+
+
+def call_stage(stage: object, who: str, method: str, *args: object) -> object:
+    """`stage.method(*args)`, with any exception but our own errors reported as the stage's:
+    `who` (its kind and name) and the method that raised. A `sys.exit` inside a stage is an
+    error too: a plugin must never end a run silently."""
+    try:
+        return getattr(stage, method)(*args)
+    except (StageError, DataError, KeyboardInterrupt):
+        raise
+    except SystemExit as e:
+        raise StageError(f"{who} called sys.exit({e.code!r}) in {method}()") from None
+    except Exception as e:  # noqa: BLE001 - the stage's own failure, named as such
+        raise StageError(f"{who} raised {type(e).__name__} in {method}(): {e}") from e
+
+
 class Pipeline:
     """retriever -> each ESR in `esrs` (label -> ranker) -> lsr, under `budgets`."""
 
@@ -159,7 +182,9 @@ class Pipeline:
 
     def _retrieve(self, batch: RequestBatch, n_items: int | None) -> Tensor:
         name = f"retrieval {stage_label(self.retriever)}"
-        out = self.retriever.retrieve(batch, self.budgets.retrieval)
+        who = stage_who("retrieval", self.retriever)
+        out = call_stage(self.retriever, who, "retrieve", batch,
+                         self.budgets.retrieval)
         ids = out.ids if isinstance(out, Candidates) else out
         if not isinstance(ids, Tensor):
             raise StageError(f"stage {name!r} returned {type(out).__name__}, expected Candidates")
@@ -191,7 +216,8 @@ class Pipeline:
         are scored as item 0 and then ranked last, so rankers only ever see real ids."""
         pad = cand < 0
         has_pad = bool(pad.any())
-        scores = ranker.score(batch, cand.clamp_min(0) if has_pad else cand)
+        scores = call_stage(ranker, stage_who(kind, ranker, label), "score", batch,
+                            cand.clamp_min(0) if has_pad else cand)
         scores = check_scores(f"{kind} {label}", scores, tuple(cand.shape))
         if has_pad:
             scores = scores.masked_fill(pad, float("-inf"))

@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,8 +204,30 @@ class RunRecord:
         return pl.read_parquet(self.path / "latency.parquet")
 
 
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise RunFormatError(f"{path}: not a regular file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise RunFormatError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise RunFormatError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise RunFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise RunFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def load_run(path: str | Path) -> RunRecord:
-    """Read a run folder, with clear errors for anything that is not a complete cascade run."""
+    """Read a run folder, with clear errors for anything that is not a complete cascade run:
+    missing or unreadable files, invalid JSON/TOML, another format."""
     import tomllib
 
     p = Path(path).expanduser()
@@ -218,21 +240,15 @@ def load_run(path: str | Path) -> RunRecord:
     missing = [f for f in RUN_FILES if not (p / f).exists()]
     if missing:
         raise RunFormatError(f"{p}: incomplete run, missing {', '.join(missing)}")
-    try:
-        metrics = json.loads((p / "metrics.json").read_text())
-    except json.JSONDecodeError as e:
-        raise RunFormatError(f"{p / 'metrics.json'}: not valid JSON ({e})") from None
-    fmt = metrics.get("format") if isinstance(metrics, dict) else None
+    metrics = _read_json(p / "metrics.json")
+    fmt = metrics.get("format")
     if fmt != FORMAT:
         raise RunFormatError(f"{p}: run format {fmt!r} is not supported (expected {FORMAT!r})")
     try:
-        config = tomllib.loads((p / "config.toml").read_text())
+        config = tomllib.loads(_read_text(p / "config.toml"))
     except tomllib.TOMLDecodeError as e:
         raise RunFormatError(f"{p / 'config.toml'}: not valid TOML ({e})") from None
-    try:
-        env = json.loads((p / "env.json").read_text())
-    except json.JSONDecodeError as e:
-        raise RunFormatError(f"{p / 'env.json'}: not valid JSON ({e})") from None
+    env = _read_json(p / "env.json")
     return RunRecord(path=p, config=config, metrics=metrics, env=env)
 
 
@@ -328,29 +344,64 @@ def _read_parquet(path: Path, folder: Path, columns: Sequence[str]) -> pl.DataFr
     return frame
 
 
+def _expect(value: Any, kind: type | tuple, where: str, what: str) -> Any:
+    if isinstance(value, bool) and kind in ((int, float), int, float):
+        raise RunFormatError(f"{where}: {what} must be {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise RunFormatError(f"{where}: {what} must be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer",
+             float: "a number", (int, float): "a number"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _number_or_null(x: Any, where: str, what: str) -> None:
+    if x is not None:
+        _expect(x, (int, float), where, what)
+
+
 def _check_metrics(m: dict[str, Any], folder: Path) -> None:
+    """The fields compare and report read, with their types: a half-valid run is refused
+    whole, naming the field."""
     where = f"run folder {folder}: metrics.json"
     for key in ("data", "budgets", "variants"):
         if key not in m:
             raise RunFormatError(f"{where} lacks {key!r}")
+    _expect(m["data"], dict, where, "data")
+    _expect(m["budgets"], dict, where, "budgets")
     if "traffic_key" not in m["data"]:
         raise RunFormatError(f"{where} lacks 'data.traffic_key'")
     if not isinstance(m["variants"], dict) or not m["variants"]:
         raise RunFormatError(f"{where} has no ESR variants under 'variants'")
     for label, v in m["variants"].items():
+        _expect(v, dict, where, f"variants.{label}")
         for key in ("stages", "final"):
             if key not in v:
                 raise RunFormatError(f"{where} lacks 'variants.{label}.{key}'")
+        _expect(v["stages"], list, where, f"variants.{label}.stages")
+        _expect(v["final"], dict, where, f"variants.{label}.final")
+        for k, x in v["final"].items():
+            _number_or_null(x, where, f"variants.{label}.final.{k}")
+        _number_or_null(v.get("throughput_rps"), where, f"variants.{label}.throughput_rps")
         for i, s in enumerate(v["stages"]):
+            _expect(s, dict, where, f"variants.{label}.stages[{i}]")
             lacking = [k for k in ("name", "k", "recall") if k not in s]
             if lacking:
                 raise RunFormatError(f"{where}: variants.{label}.stages[{i}] lacks {lacking}")
+            _expect(s["name"], str, where, f"variants.{label}.stages[{i}].name")
+            _expect(s["k"], int, where, f"variants.{label}.stages[{i}].k")
+            _number_or_null(s["recall"], where, f"variants.{label}.stages[{i}].recall")
+            for q, x in (s.get("latency_ms") or {}).items():
+                _number_or_null(x, where, f"variants.{label}.stages[{i}].latency_ms.{q}")
 
 
 def read_run(path: str | Path) -> Run:
     """Read and validate one run folder: `cascade.records.load_run` (folder, files, format),
     then what a comparison needs (metrics fields, parquet columns, a request row per variant).
-    Raises a `ValueError` (`RunFormatError` or `RunFormatError`) naming the folder and what is wrong."""
+    Raises `RunFormatError` naming the folder and what is wrong."""
     rec = load_run(path)
     folder = rec.path
     _check_metrics(rec.metrics, folder)

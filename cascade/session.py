@@ -11,7 +11,7 @@ these, so a stage is constructed, configured and fitted the same way everywhere.
    device, the seed) go into the `FitContext`;
 4. retrieval, each ESR variant and the LSR are fitted (learned stages load their checkpoint from
    the cache when it is there). An exception a stage raises is reported with the stage's kind,
-   name and method.
+   name and method (`cascade.pipeline.call_stage`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ import polars as pl
 import torch
 
 from cascade.config import REPEAT_SHARE_FOR_EXCLUDE, RunConfig, StageSpec, build_stage, default_cache_dir
-from cascade.data.dataset import Dataset, DataError
+from cascade.data.dataset import Dataset
 from cascade.data.splits import Split, make_split, training_requests
 from cascade.data.traffic import Traffic
-from cascade.pipeline import DEFAULT_ESR_SHARE, Budgets, Pipeline, resolve_budgets, stage_label
+from cascade.pipeline import (
+    DEFAULT_ESR_SHARE, Budgets, Pipeline, call_stage, resolve_budgets, stage_label, stage_who,
+)
 from cascade.stages.base import FitContext, ReportsFit, StageError
+from cascade.util.fsio import clean_stale_temporaries
 
 MAX_LEN_FLOOR = 50  # max_len may always be this long, even on logs with shorter histories
 
@@ -133,23 +136,12 @@ def traffic_key(traffic: Traffic) -> str:
     return h.hexdigest()[:16]
 
 
-def call_stage(stage: Any, kind: str, method: str, *args: Any) -> Any:
-    """`stage.method(*args)`, with any exception but our own errors reported as the stage's:
-    its kind, name and the method that raised."""
-    try:
-        return getattr(stage, method)(*args)
-    except (StageError, DataError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # noqa: BLE001 - a stage's own failure, named as such
-        raise StageError(
-            f"{kind} stage {stage_label(stage)!r} raised {type(e).__name__} in {method}(): {e}"
-        ) from e
-
-
-def fit_stage(stage: Any, kind: str, ctx: FitContext, log: Callable[[str], None]) -> dict:
+def fit_stage(
+    stage: Any, kind: str, ctx: FitContext, log: Callable[[str], None], label: str | None = None
+) -> dict:
     """Fit `stage` on `ctx`; returns {"stage", "seconds", "cached", "report"}."""
     t0 = time.perf_counter()
-    call_stage(stage, kind, "fit", ctx)
+    call_stage(stage, stage_who(kind, stage, label), "fit", ctx)
     seconds = time.perf_counter() - t0
     report = stage.fit_report_ if isinstance(stage, ReportsFit) else {}
     report = report if isinstance(report, Mapping) else {}
@@ -211,6 +203,8 @@ def fit_funnel(
     retriever, esrs, lsr = build_funnel_stages(cfg)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     check_cache_dir(cache)
+    for folder in (cache, *(p for p in cache.iterdir() if p.is_dir())):
+        clean_stale_temporaries(folder)  # checkpoints half-written by a killed run
 
     prepared = prepare(cfg, dataset=dataset, progress=progress)
     ds, split, ctx, test = prepared
@@ -236,7 +230,7 @@ def fit_funnel(
 
     fits = {"retrieval": fit_stage(retriever, "retrieval", ctx, say)}
     for label, esr in esrs.items():
-        fits[f"esr:{label}"] = fit_stage(esr, "esr", ctx, say)
+        fits[f"esr:{label}"] = fit_stage(esr, "esr", ctx, say, label)
     fits["lsr"] = fit_stage(lsr, "lsr", ctx, say)
     return Funnel(
         config=resolved, prepared=prepared, budgets=budgets, retriever=retriever, esrs=esrs,

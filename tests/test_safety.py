@@ -150,3 +150,157 @@ def test_only_the_named_plugin_module_is_imported_from_the_current_directory(tmp
     imported = sorted(p.name for p in work.glob("imported-*"))
     assert imported == ["imported-myesr"], imported
     assert load_run(tmp_path / "out").metrics["stages"]["esr"]["Ranker"]["stage"] == "myesr:Ranker"
+
+
+# ---- failures caught before any training, and every bad input a clear error (defects 4-10) --------
+
+runner = CliRunner()
+TINY = ["--data", "synthetic:tiny", "--no-progress"]
+
+
+def _cli(*args: str, cwd: Path | None = None):
+    if cwd is None:
+        return runner.invoke(app, list(args))
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(app, list(args))
+    finally:
+        os.chdir(old)
+
+
+def _assert_user_error(res, *needles: str) -> None:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in res.output, (n, res.output)
+
+
+def test_out_inside_a_file_and_a_file_as_cache_dir_fail_before_training(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = _cli("run", *TINY, "--out", str(afile / "run"), "--cache-dir", str(tmp_path / "c"))
+    _assert_user_error(res, "is not a folder")
+    assert not (tmp_path / "c").exists()  # nothing trained, nothing cached
+    res = _cli("run", *TINY, "--out", str(tmp_path / "run"), "--cache-dir", str(afile))
+    _assert_user_error(res, f"cache folder {afile}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_len_is_bounded_by_the_longest_history(tmp_path):
+    res = _cli("run", *TINY, "--max-len", "100000", "--out", str(tmp_path / "r"),
+               "--cache-dir", str(tmp_path / "c"))
+    _assert_user_error(res, "max_len 100000 is longer than any history", "use at most")
+
+
+@pytest.mark.parametrize("toml, needle", [
+    ("[split]\nmax_requests = \"5\"\n", "split.max_requests must be"),
+    ("[split]\nvalid_frac = \"x\"\n", "split.valid_frac must be a number, got 'x'"),
+    ('retrieval = {stage = "twotower", config = {dim = 8.5}}\n', "dim must be an integer, got 8.5"),
+    ("seed = 99999999999999999999999\n", "seed must be < 2**32"),
+    ("seed = 18446744073709551615\n", "seed must be < 2**32"),
+    ("batch_size = true\n", "batch_size must be an integer, got True"),
+    ("[budgets]\nesr = 2.5\n", "budgets.esr must be an integer (or left out), got 2.5"),
+])
+def test_wrong_typed_config_values_name_the_key(tmp_path, toml, needle):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    res = _cli("run", "--config", str(cfg), "--no-progress", "--cache-dir", str(tmp_path / "c"),
+               "--out", str(tmp_path / "r"))
+    _assert_user_error(res, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_utf8_bom_config_is_accepted_and_binary_config_is_named(tmp_path):
+    from cascade.config import RunConfig
+
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbfseed = 3\n")
+    assert RunConfig.load(bom).seed == 3
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\x00\xff\xfe\x80garbage")
+    res = _cli("run", "--config", str(binary))
+    _assert_user_error(res, f"config file {binary}")
+
+
+def test_rich_markup_and_emoji_codes_in_values_are_printed_literally(tmp_path):
+    weird = tmp_path / ":smile: [bold]x[/bold].toml"
+    res = _cli("run", "--config", str(weird))
+    _assert_user_error(res, ":smile: [bold]x[/bold].toml")
+
+
+BAD_PLUGIN = textwrap.dedent('''
+    import sys
+
+
+    class Base:
+        name = "bad"
+
+        def fit(self, ctx):
+            return self
+
+        def score(self, batch, candidates):
+            return -candidates.float()
+
+
+    class FitRaises(Base):
+        def fit(self, ctx):
+            raise KeyError("no such column 'price'")
+
+
+    class ScoreRaises(Base):
+        def score(self, batch, candidates):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+
+    class Exits(Base):
+        def fit(self, ctx):
+            sys.exit(0)
+''')
+
+
+@pytest.mark.parametrize("cls, needle", [
+    ("FitRaises", "esr stage 'FitRaises' (bad) raised KeyError in fit(): \"no such column 'price'\""),
+    ("ScoreRaises", "esr stage 'ScoreRaises' (bad) raised RuntimeError in score(): CUDA out of memory"),
+    ("Exits", "esr stage 'Exits' (bad) called sys.exit(0) in fit()"),
+])
+def test_plugin_failures_are_named_with_stage_and_method(tmp_path, cls, needle):
+    (tmp_path / "badplugin.py").write_text(BAD_PLUGIN)
+    res = _cli("run", "--data", "synthetic:tiny", "--no-progress", "--esr", f"badplugin:{cls}",
+               "--retrieval", "popular", "--lsr", "popular", "--out", str(tmp_path / "r"),
+               "--cache-dir", str(tmp_path / "c"), cwd=tmp_path)
+    sys.modules.pop("badplugin", None)
+    _assert_user_error(res, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def _good_run(tmp_path: Path) -> Path:
+    res = _cli("run", "--data", "synthetic:tiny", "--no-progress", "--retrieval", "popular",
+               "--esr", "popular", "--lsr", "popular", "--out", str(tmp_path / "run"),
+               "--cache-dir", str(tmp_path / "c"))
+    assert res.exit_code == 0, res.output
+    return tmp_path / "run"
+
+
+def test_damaged_run_folders_are_refused_by_compare_and_report(tmp_path):
+    run = _good_run(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    damages = {
+        "variants a list": lambda m: m.update(variants=[1, 2]),
+        "final not numbers": lambda m: next(iter(m["variants"].values()))["final"].update(
+            {"ndcg@10": "high"}),
+        "stage k a string": lambda m: next(iter(m["variants"].values()))["stages"][0].update(
+            k="ten"),
+    }
+    for what, damage in damages.items():
+        bad = json.loads(json.dumps(metrics))
+        damage(bad)
+        (run / "metrics.json").write_text(json.dumps(bad))
+        for cmd in (["compare", str(run)], ["report", str(run)]):
+            res = _cli(*cmd)
+            _assert_user_error(res, str(run))
+    (run / "metrics.json").write_bytes(b"\xff\xfe binary")
+    _assert_user_error(_cli("compare", str(run)), "metrics.json: not UTF-8")
+    (run / "metrics.json").unlink()
+    (run / "metrics.json").mkdir()
+    _assert_user_error(_cli("compare", str(run)), "metrics.json: not a regular file")

@@ -50,7 +50,7 @@ def compare(
     else:
         from rich.console import Console
 
-        con = Console()
+        con = Console(emoji=False)
         con.print(cmp.to_rich(c))
         for note in c.notes:
             con.print(f"- {note}", highlight=False)
@@ -157,7 +157,7 @@ def sweep(
     else:
         from rich.console import Console
 
-        con = Console()
+        con = Console(emoji=False)
         con.print(sw.to_rich(res))
         front = ", ".join(f"{r['label']}" for r in res.frontier.iter_rows(named=True))
         con.print(f"frontier (fastest first): {front}", highlight=False)

@@ -20,7 +20,7 @@ def _fail(err: Exception) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(str(err))}")
+    Console(stderr=True, soft_wrap=True, emoji=False).print(f"[bold red]error:[/bold red] {escape(str(err))}")
     raise typer.Exit(2)
 
 
@@ -63,7 +63,7 @@ def describe(
     else:
         from rich.console import Console
 
-        Console().print(render(desc))
+        Console(emoji=False).print(render(desc))
 
 
 @app.command()

@@ -41,7 +41,14 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _type_name(tp: Any) -> str:
+    if tp in _WORDS:
+        return _WORDS[tp]
+    if typing.get_origin(tp) in (tuple, list) or tp in (tuple, list):
+        return "a list"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -64,8 +71,9 @@ def check_type(value: Any, tp: Any, where: str) -> None:
                 return
             except ConfigError as e:
                 errors.append(e)
-        names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{where} must be {names}, got {value!r}")
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        unset = " (or left out)" if type(None) in args else ""
+        raise ConfigError(f"{where} must be {names}{unset}, got {value!r}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

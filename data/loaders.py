@@ -16,9 +16,14 @@ Bad input policy (STYLE.md "Data": strict, nothing silently dropped), shared by 
   a line with the wrong number of fields, a missing or misnamed column / header, a
   non-numeric id, rating or timestamp where the format requires a number, a rating or label
   that is not finite (nan, inf, or too large for its type), a MovieLens rating outside 0.5-5,
-  an empty file, a path that is neither a known name nor an existing file, a directory with
-  no known format or with two, a user listed on two lines of a per-user sequence file, an id
-  listed twice in a feature table.
+  a timestamp that is not finite or does not fit 64 bits, a Parquet UInt64 id from 2^63 up,
+  a control byte (0x1F, NUL, ...) in a text field or bytes that are not UTF-8 in a CSV, an
+  empty file, a path that is neither a known name nor an existing file (the empty string
+  included), a file that cannot be read (the OS's reason), a FIFO, socket or device (refused
+  from its `stat`, never opened), a directory with no known format or with two, a user listed
+  on two lines of a per-user sequence file, an id listed twice in a feature table. A value or
+  line quoted in a message is cut to 60 characters: a wrong file given as data is named, not
+  dumped.
 - filtered and reported (one line each in `dataset.report`, with counts), or errors with
   `strict=True`: exact duplicate events (same user, item and timestamp; the first is kept),
   and users with fewer than `min_user_events` (default 2) events, since a user needs a
@@ -67,6 +72,11 @@ def load_dataset(spec: str | Path, *, cache_dir: Path | None = None, **opts: Any
     from cascade.data.download import KNOWN_DATASETS, dataset_dir
 
     spec_s = str(spec)
+    if not spec_s.strip():
+        raise DataError(
+            "the empty string is not a dataset: expected a known name (ml-100k, ...), a path "
+            "or synthetic[:preset]"
+        )
     if spec_s == "synthetic" or spec_s.startswith("synthetic:"):
         ds = _load_synthetic(spec_s, opts)
         return ds if ds.category_feature is not None else add_pseudo_categories(ds)
@@ -79,7 +89,11 @@ def load_dataset(spec: str | Path, *, cache_dir: Path | None = None, **opts: Any
         opts.setdefault("name", spec_s)
     else:
         path = Path(spec_s).expanduser()
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as e:  # e.g. a folder on the way that may not be searched
+            raise DataError(f"{path}: cannot read it: {e.strerror or e}") from None
+        if not exists:
             raise DataError(
                 f"{spec_s!r} is not a known dataset ({', '.join(KNOWN_DATASETS)}), nor "
                 "'synthetic[:tiny|small|medium|large]', nor an existing file or directory"

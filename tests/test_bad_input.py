@@ -296,3 +296,204 @@ def test_log_rating_and_label_not_finite(tmp_path, value):
     assert f"{q}, row 2, column 'r': expected a finite number" in _err(
         load_interaction_log, q, rating_col="r"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# files that are not readable data: no permission, not a regular file, binary, the wrong file
+
+
+def _deny(monkeypatch, target: Path) -> None:
+    """Make `target` unreadable: chmod 000, and as root (who reads anyway) the one place every
+    loader opens a file through refuses it the way the kernel would."""
+    import builtins
+    import errno
+    import os
+
+    import cascade.data.formats.text as text
+
+    target.chmod(0)
+    if os.geteuid() == 0:
+
+        def fake_open(path, *a, **kw):
+            if Path(path) == target:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return builtins.open(path, *a, **kw)
+
+        monkeypatch.setattr(text, "open", fake_open, raising=False)
+
+
+ML_CSV = "userId,movieId,rating,timestamp\n"
+
+
+def _unreadable_cases(d: Path) -> list[tuple[str, Path, object]]:
+    """(case, file made unreadable, how it is loaded)."""
+    log = _write(d / "log" / "log.csv", "user,item,timestamp\n1,2,3\n1,3,4\n")
+    pq = d / "pq" / "log.parquet"
+    pq.parent.mkdir()
+    pl.DataFrame({"user": [1, 1], "item": [2, 3], "timestamp": [1, 2]}).write_parquet(pq)
+    feats = _write(d / "log" / "items.csv", "item,genre\n2,a\n")
+    _write(d / "ml1m" / "movies.dat", "2::A (1990)::Drama\n")
+    _write(d / "mlcsv" / "movies.csv", "movieId,title,genres\n2,A (1990),Drama\n")
+    return [
+        ("u.data", _write(d / "ml" / "u.data", GOOD), d / "ml"),
+        ("u.item", _write(d / "ml" / "u.item", "10|A|01-Jan-1990||u" + "|0" * 19 + "\n"), d / "ml"),
+        ("ratings.dat", _write(d / "ml1m" / "ratings.dat", "1::2::5::1\n1::3::4::2\n"), d / "ml1m"),
+        ("movies.dat", d / "ml1m" / "movies.dat", d / "ml1m"),
+        ("ratings.csv", _write(d / "mlcsv" / "ratings.csv", ML_CSV + "1,2,3,4\n"), d / "mlcsv"),
+        ("movies.csv", d / "mlcsv" / "movies.csv", d / "mlcsv"),
+        ("sequence", _write(d / "seq" / "seq.txt", "1 2 3\n2 3 4\n"), d / "seq" / "seq.txt"),
+        ("log.csv", log, log),
+        ("log.parquet", pq, pq),
+        ("item features", feats, (log, feats)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["u.data", "u.item", "ratings.dat", "movies.dat", "ratings.csv", "movies.csv", "sequence",
+     "log.csv", "log.parquet", "item features"],
+)  # fmt: skip
+def test_unreadable_file_is_named(tmp_path, monkeypatch, case):
+    cases = {c: (f, how) for c, f, how in _unreadable_cases(tmp_path)}
+    target, how = cases[case]
+    _deny(monkeypatch, target)
+    try:
+        if isinstance(how, tuple):
+            msg = _err(load_interaction_log, how[0], item_features=how[1])
+        else:
+            msg = _err(load_dataset, str(how))
+    finally:
+        target.chmod(0o644)
+    assert msg == f"{target}: cannot read the file: Permission denied"
+
+
+def _no_hang(fn, *args, **kw):
+    """Call fn, failing (not hanging) if it blocks on opening a FIFO."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError("blocked: the loader opened a FIFO")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(10)
+    try:
+        return fn(*args, **kw)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_fifo_socket_and_device_are_refused_without_opening(tmp_path):
+    import os
+    import socket
+
+    fifo = tmp_path / "ratings.dat"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "s.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    try:
+        for p in (fifo, sock_path, Path("/dev/null")):
+            msg = _no_hang(_err, load_dataset, str(p))
+            assert msg == f"{p}: not a regular file or directory; expected a dataset file or folder"
+            assert "not a regular file" in _no_hang(_err, detect_format, p)
+        # the loaders called directly, and a feature table, refuse it too
+        want = f"{fifo}: not a regular file (a FIFO, socket or device); expected a data file"
+        assert _no_hang(_err, load_dataset, str(fifo), format="ml-dat") == want
+        assert _no_hang(_err, load_dataset, str(fifo), format="sequence") == want
+        log = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,3\n1,3,4\n")
+        assert _no_hang(_err, load_interaction_log, log, item_features=fifo) == want
+        # a folder whose u.data is a FIFO: not a dataset folder of that kind
+        os.mkfifo(tmp_path / "u.data")
+        assert "no known dataset format" in _no_hang(_err, load_dataset, str(tmp_path))
+    finally:
+        sock.close()
+
+
+def test_empty_string_is_not_a_dataset():
+    msg = _err(load_dataset, "")
+    assert msg.startswith("the empty string is not a dataset: expected a known name")
+    assert "'.'" not in msg and "the empty string is not a path" in _err(detect_format, "")
+
+
+@pytest.mark.parametrize(
+    "name, data, where",
+    [
+        ("u.data", b"1\t10\t5\t100\n1\x1f\t11\t4\t101\n", "u.data, line 2, field 'user'"),
+        ("u.data", b"1\t10\t5\t100\n\x00\xff\xfe\x89PNG\t\x07\t\x1a\x00\t\n", "u.data, line 2"),
+        ("ratings.dat", b"1::10::5::100\n1::11::4\x1f::101\n", "ratings.dat, line 2, field 'rati"),
+        ("ratings.dat", b"1::10::5::100\n\x89PNG\r\n\x1a\n\x00\x00", "ratings.dat, line 2"),
+        ("seq.txt", b"1 2 3\n2 4\x1f5 6\n", "seq.txt, line 2, token 2"),
+        ("seq.txt", b"1 2 3\n2 \xff\xfe\x00 6\n", "seq.txt, line 2, token 2"),
+        ("log.csv", b"user,item,timestamp\n1,2,3\n1,a\x1fb,4\n", "log.csv, line 3, column 'item'"),
+        ("log.csv", b"user,item,timestamp\n1,2,3\n1,\xff\xfe,4\n", "log.csv, line 3: expected UTF"),
+        ("log.csv", b"user,item,timestamp\n1,2,3\n1,3,\x00\n", "log.csv, line 3, column 'timest"),
+    ],
+)
+def test_control_bytes_and_binary_garbage(tmp_path, name, data, where):
+    p = tmp_path / name
+    p.write_bytes(data)
+    fmt = {"u.data": "ml-100k", "ratings.dat": "ml-dat", "seq.txt": "sequence"}.get(name, "log")
+    msg = _err(load_dataset, str(p), format=fmt)
+    assert where in msg and str(tmp_path) in msg
+    assert len(msg) < 400
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e300", "99999999999999999999"])
+def test_timestamp_not_finite_or_too_large(tmp_path, value):
+    for sep, suffix in ((",", "csv"), ("\t", "tsv")):
+        p = _write(tmp_path / f"log.{suffix}", f"user{sep}item{sep}timestamp\n1{sep}2{sep}100\n"
+                   f"1{sep}3{sep}{value}\n")  # fmt: skip
+        msg = _err(load_interaction_log, p)
+        assert f"{p}, line 3, column 'timestamp': expected a finite timestamp below 2^63" in msg
+        assert f"found {value!r}" in msg
+    q = tmp_path / "log.parquet"
+    ts = [100.0, float(value)]
+    pl.DataFrame({"user": [1, 1], "item": [2, 3], "timestamp": ts}).write_parquet(q)
+    assert f"{q}, row 2, column 'timestamp': expected a finite timestamp" in _err(
+        load_interaction_log, q
+    )
+
+
+def test_parquet_uint64_at_or_above_2_63(tmp_path):
+    big = 2**63
+    for col in ("user", "item", "timestamp"):
+        cols = {"user": [1, 1, 2], "item": [2, 3, 2], "timestamp": [1, 2, 3]}
+        cols[col] = [5, big + 7, 6]
+        p = tmp_path / f"{col}.parquet"
+        pl.DataFrame(cols, schema={c: pl.UInt64 for c in cols}).write_parquet(p)
+        msg = _err(load_interaction_log, p)
+        assert f"{p}, row 2, column {col!r}: expected " in msg
+        assert f"below 2^63 (a signed 64-bit integer), found {big + 7}" in msg
+    # below 2^63 they load as before
+    p = tmp_path / "ok.parquet"
+    cols = {"user": [1, 1], "item": [2**63 - 1, 3], "timestamp": [1, 2]}
+    pl.DataFrame(cols, schema={c: pl.UInt64 for c in cols}).write_parquet(p)
+    assert load_interaction_log(p).raw_item_ids.tolist() == [3, 2**63 - 1]
+
+
+def test_wrong_file_as_item_features_is_named_not_dumped(tmp_path):
+    log = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,3\n1,3,4\n")
+    secret = "token=" + "s3cr3t" * 100
+    # a config file: one long "header", then ragged lines
+    notes = _write(tmp_path / "notes.txt", f"{secret},a,b\nx,y\n{secret}\n")
+    msg = _err(load_interaction_log, log, item_features=notes)
+    assert str(notes) in msg and "s3cr3t" * 12 not in msg and len(msg) < 400
+    notes2 = _write(tmp_path / "notes2.csv", f"item,b\n1,2\n{secret},3,4,5\n")
+    msg = _err(load_interaction_log, log, item_features=notes2)
+    assert f"{notes2}, line 3: expected 2 fields" in msg
+    assert "s3cr3t" * 12 not in msg and "... (612 characters)" in msg
+
+
+def test_float_timestamp_among_integers_is_floored(tmp_path):
+    p = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,978300000\n1,3,978300000.5\n"
+               "1,4,978300002\n")  # fmt: skip
+    ds = load_interaction_log(p)
+    assert ds.events["ts"].to_list() == [978300000, 978300000, 978300002]
+    assert any("have fractions: floored" in r for r in ds.report)
+
+
+def test_old_mac_line_ends_in_a_csv_log(tmp_path):
+    p = tmp_path / "log.csv"
+    p.write_bytes(b"user,item,timestamp\r1,2,3\r1,3,4\r")
+    assert load_interaction_log(p).events["ts"].to_list() == [3, 4]

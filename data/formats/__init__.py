@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from cascade.data.dataset import Dataset, DataError
-from cascade.data.formats.text import first_data_line
+from cascade.data.formats.text import first_data_line, shown
 
 __all__ = ["Format", "register_format", "names", "get_format", "resolve", "detect_format"]
 
@@ -95,6 +95,13 @@ def _in_folder(d: Path) -> list[Format]:
     return [f for f in _REGISTRY.values() if f.folder and (d / f.folder).is_file()]
 
 
+def _listing(p: Path) -> list[Path]:
+    try:
+        return sorted(p.iterdir())
+    except OSError as e:
+        raise DataError(f"{p}: cannot list the directory: {e.strerror or e}") from None
+
+
 def _resolve_dir(p: Path) -> tuple[Format, Path]:
     found = _in_folder(p)
     if len(found) > 1:
@@ -106,7 +113,7 @@ def _resolve_dir(p: Path) -> tuple[Format, Path]:
     if found:
         return found[0], p
     # an unzipped archive: the data sits one folder down
-    subs = sorted(s for s in p.iterdir() if s.is_dir() and _in_folder(s))
+    subs = [s for s in _listing(p) if s.is_dir() and _in_folder(s)]
     if len(subs) == 1:
         return _resolve_dir(subs[0])
     if subs:
@@ -117,19 +124,22 @@ def _resolve_dir(p: Path) -> tuple[Format, Path]:
         )
     folders = [f.describe for f in _REGISTRY.values() if f.folder]
     files = [f.describe for f in _REGISTRY.values() if not f.folder]
-    content = sorted(x.name for x in p.iterdir())
+    content = [x.name for x in _listing(p)]
+    found = ", ".join(content[:12]) + (" ..." if len(content) > 12 else "")
     raise DataError(
         f"{p}: no known dataset format in this directory: expected "
         + ", ".join(folders)
         + (f"; for {' or '.join(files)} pass the file itself" if files else "")
         + ". Found: "
-        + (", ".join(content[:12]) + (" ..." if len(content) > 12 else "") if content else "nothing")
+        + (found or "nothing")
     )
 
 
 def resolve(path: str | Path) -> tuple[Format, Path]:
     """The format of a file or directory and the path its loader reads (see the docstring)."""
     _discover()
+    if isinstance(path, str) and not path.strip():
+        raise DataError("the empty string is not a path: expected a dataset file or folder")
     p = Path(path).expanduser()
     try:
         mode = p.stat().st_mode
@@ -146,18 +156,19 @@ def resolve(path: str | Path) -> tuple[Format, Path]:
     for level in (specific, [f for f in claims if f.fallback]):
         if len(level) > 1:
             raise DataError(
-                f"{p}: the file looks like more than one format ({', '.join(f.name for f in level)}); "
-                "choose one with format=..."
+                f"{p}: the file looks like more than one format "
+                f"({', '.join(f.name for f in level)}); choose one with format=..."
             )
         if level:
             return level[0], p
     line, first = first_data_line(p)
     if not first:
         raise DataError(f"{p}: the file is empty")
+    known = sorted(_REGISTRY.values(), key=lambda f: f.fallback)  # specific formats first
     raise DataError(
         f"{p}, line {line}: cannot tell the format: expected "
-        + ", ".join(f.describe for f in _REGISTRY.values())
-        + f"; found {first[:80]!r}"
+        + ", ".join(f.describe for f in known[:-1])
+        + f" or {known[-1].describe}; found {shown(first)}"
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from cascade.data.dataset import Dataset, DataError, FeatureTable, finalize_events
-from cascade.data.formats.text import more, where
+from cascade.data.formats.text import more, shown, where
 
 ACTION_NOTE = "action from rating: >= 4 positive, <= 2 negative, otherwise neutral"
 
@@ -55,7 +55,7 @@ def encode_features(
         rows = [int(r) for r in first["_r"]]
         again, first_at = where(f, raw.file, rows[1]), where(f, raw.file, rows[0])
         raise DataError(
-            f"{again}: {what} id {dup['id'][0]!r} is listed again (first at "
+            f"{again}: {what} id {shown(dup['id'][0])} is listed again (first at "
             f"{first_at.split(', ')[-1]}); expected one row per {what}"
         )
     joined = (
@@ -153,8 +153,8 @@ def assemble(
                 & (pl.col("ts") == d["ts"])
             )[loc][0]
             raise DataError(
-                f"{file}, {where} {d[loc]}: duplicate event (user {d['user']!r}, item "
-                f"{d['item']!r}, timestamp {d['ts']}) already on {where} {orig}"
+                f"{file}, {where} {d[loc]}: duplicate event (user {shown(d['user'])}, item "
+                f"{shown(d['item'])}, timestamp {d['ts']}) already on {where} {orig}"
                 + more(n_dup - 1, "duplicate")
                 + "; expected one event per (user, item, timestamp)"
             )
@@ -172,7 +172,7 @@ def assemble(
         if strict:
             if short.height:
                 u, c = short.sort("user").row(0)
-                first_user = f"user {u!r} has {c} event(s)"
+                first_user = f"user {shown(u)} has {c} event(s)"
             else:
                 first_user = f"{extra_small_users} user(s) have no events"
             raise DataError(

@@ -5,8 +5,9 @@ optional item and user feature tables (CSV or Parquet, keyed by the same column 
 log). Ids may be integers or strings. Feature columns: strings, integers and booleans become
 categorical codes; list columns and string columns holding `|`-joined values become
 multi-valued; float columns are left out (reported). Timestamps may be integers, floats
-(floored), dates/datetimes (-> epoch seconds) or strings holding any of these. A rating or
-label must be a finite number.
+(floored; finite and below 2^63 in magnitude), dates/datetimes (-> epoch seconds) or strings
+holding any of these (a float among integers is floored too). A rating or label must be a
+finite number; integer ids and timestamps must fit a signed 64-bit integer.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from cascade.data.formats.text import (
     FLOAT_TYPES,
     INT_TYPES,
     cast_column,
+    check_readable,
     csv_sep,
     locate,
     more,
     read_csv_strings,
+    shown,
+    shown_names,
 )
 
 
@@ -46,6 +50,7 @@ def _ids(df: pl.DataFrame, col: str, file: str) -> pl.Series:
                 f"{where}, column {col!r}: expected an id, found an empty value"
                 + more(n - 1, "value")
             )
+        _below_2_63(df, col, file, "an id")
         return s.cast(pl.Int64)
     if s.dtype in (pl.String, pl.Categorical, pl.Enum):
         s = s.cast(pl.String).str.strip_chars()
@@ -61,23 +66,40 @@ def _ids(df: pl.DataFrame, col: str, file: str) -> pl.Series:
     raise DataError(f"{file}, column {col!r}: expected integer or text ids, found type {s.dtype}")
 
 
+def _below_2_63(df: pl.DataFrame, col: str, file: str, what: str) -> None:
+    """Unsigned 64-bit values from 2^63 up do not fit the Int64 every id and clock is kept in."""
+    if df[col].dtype == pl.UInt64:
+        big = (df[col] >= 2**63).fill_null(False)
+        if big.any():
+            at, n = locate(df, file, big)
+            raise DataError(
+                f"{at}, column {col!r}: expected {what} below 2^63 (a signed 64-bit integer), "
+                f"found {df[col].filter(big)[0]}" + more(n - 1, "value")
+                + "; store larger ids as text"
+            )
+
+
 def _timestamps(df: pl.DataFrame, col: str, file: str, report: list[str]) -> pl.Series:
     """Timestamps -> Int64: integers; floats (floored); dates/datetimes (epoch seconds); or text
-    holding one of these (the kind is taken from the first value, the first failure is named)."""
+    holding one of these: integers, else numbers (integers among them are numbers too) when the
+    first value is one, else dates/times. The first value that fails is named; a float must be
+    finite and below 2^63 in magnitude."""
     s = df[col]
     kind = None
     if s.dtype in INT_TYPES:
+        _below_2_63(df, col, file, "a timestamp")
         out = s.cast(pl.Int64)
     elif s.dtype in FLOAT_TYPES:
-        out, kind = s, "float"
+        out, kind = s.cast(pl.Float64), "float"
     elif s.dtype in (pl.Date,) or isinstance(s.dtype, pl.Datetime):
         out = s.dt.epoch("s")
     elif s.dtype == pl.String:
         s = s.str.strip_chars()
         first = s.drop_nulls()
         first = first[0] if first.len() else ""
-        if pl.Series([first]).cast(pl.Int64, strict=False)[0] is not None:
-            out = s.cast(pl.Int64, strict=False)
+        as_int = s.cast(pl.Int64, strict=False)
+        if as_int.null_count() == s.null_count():
+            out = as_int
         elif pl.Series([first]).cast(pl.Float64, strict=False)[0] is not None:
             out, kind = s.cast(pl.Float64, strict=False), "float"
         else:
@@ -94,9 +116,17 @@ def _timestamps(df: pl.DataFrame, col: str, file: str, report: list[str]) -> pl.
         like = str(given[0]) if given.len() else ""
         raise DataError(
             f"{where}, column {col!r}: expected a timestamp (integer, number or date/time like "
-            f"the first value {like!r}), found {df[col].filter(fail)[0]!r}" + more(n - 1, "value")
+            f"the first value {shown(like)}), found {shown(df[col].filter(fail)[0])}"
+            + more(n - 1, "value")
         )
     if kind == "float":
+        fail = (~out.is_finite() | (out.abs() >= 2.0**63)).fill_null(False)
+        if fail.any():
+            where, n = locate(df, file, fail)
+            raise DataError(
+                f"{where}, column {col!r}: expected a finite timestamp below 2^63 in magnitude, "
+                f"found {shown(df[col].filter(fail)[0])}" + more(n - 1, "value")
+            )
         if (out != out.floor()).any():
             report.append(f"timestamps in column {col!r} have fractions: floored to whole units")
         out = out.floor().cast(pl.Int64)
@@ -107,8 +137,7 @@ def _read_table(
     path: Path, *, required: Sequence[str], separator: str | None
 ) -> tuple[pl.DataFrame, bool]:
     """A CSV (all text, with `_line`) or Parquet table (its own types). Returns (frame, is_csv)."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    check_readable(path)
     if _is_parquet(path):
         try:
             df = pl.read_parquet(path)
@@ -120,7 +149,9 @@ def _read_table(
             raise DataError(f"{path}: could not read as Parquet: {e}") from None
         missing = [c for c in required if c not in df.columns]
         if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; the file has {df.columns}")
+            raise DataError(
+                f"{path}: missing column(s) {missing}; the file has {shown_names(df.columns)}"
+            )
         if df.height == 0:
             raise DataError(f"{path}: the file has no rows")
         return df, False

@@ -36,6 +36,7 @@ from cascade.data.formats.assemble import ACTION_NOTE, RawFeatures, assemble
 from cascade.data.formats.text import (
     TABLE_SUFFIXES,
     cast_column,
+    check_readable,
     first_data_line,
     read_csv_strings,
     read_fields,
@@ -81,8 +82,7 @@ def _ratings_file(path: str | Path, v: Variant) -> tuple[Path, Path | None]:
         if not (p / v.ratings).is_file():
             raise DataError(f"{p}: expected a file {v.ratings!r} in this directory")
         return p / v.ratings, p
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
+    check_readable(p)
     return p, (p.parent if re.fullmatch(v.own, p.name.lower()) else None)
 
 

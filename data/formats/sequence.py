@@ -16,7 +16,15 @@ import polars as pl
 from cascade.data.dataset import Dataset, DataError
 from cascade.data.formats import register_format
 from cascade.data.formats.assemble import assemble
-from cascade.data.formats.text import TABLE_SUFFIXES, first_data_line, line_text, more, scan_lines
+from cascade.data.formats.text import (
+    TABLE_SUFFIXES,
+    check_readable,
+    first_data_line,
+    line_text,
+    more,
+    scan_lines,
+    shown,
+)
 
 
 def _detect(p: Path) -> bool:
@@ -49,8 +57,7 @@ def load_sequences(
     if layout not in ("auto", "lines", "pairs"):
         raise ValueError(f"layout must be 'auto', 'lines' or 'pairs', got {layout!r}")
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"{p}: expected a sequence text file")
+    check_readable(p)
     tokens = (
         scan_lines(p)
         .filter(pl.col("_raw").str.strip_chars() != "")
@@ -72,7 +79,7 @@ def load_sequences(
         line, pos = bad["_line"][0], bad["pos"][0]
         tok = line_text(p, line).split()[pos]
         raise DataError(
-            f"{p}, line {line}, token {pos + 1}: expected an integer id, found {tok!r}"
+            f"{p}, line {line}, token {pos + 1}: expected an integer id, found {shown(tok)}"
             + more(bad.select(pl.col("_line").n_unique()).item() - 1)
         )
     if layout == "auto":
@@ -85,7 +92,7 @@ def load_sequences(
             line = bad["_line"][0]
             raise DataError(
                 f"{p}, line {line}: expected 2 ids ('user item'), found {bad['_nt'][0]}: "
-                f"{line_text(p, line)!r}"
+                f"{shown(line_text(p, line))}"
             )
         events = tokens.pivot(on="pos", index="_line", values="val").select(
             "_line",

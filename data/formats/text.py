@@ -1,16 +1,22 @@
 """Shared parsing for the text formats: files as lines, lines as typed fields, CSV tables.
 
 Every function here keeps line numbers so that an error can name the file, the 1-based line
-and what was expected (STYLE.md "Data"). A text file is cut into lines with numpy at its line
-ends (LF, CRLF or a lone CR), so any byte may appear inside a line; a line is split into
-string fields with polars and cast with `strict=False`, and the first row whose field count or
-cast fails names the line. CSV files with quoting go through polars' CSV reader, every column
-as text, with `_line` beside the data.
+and what was expected (STYLE.md "Data"). Files are opened in one place (`read_bytes`): a FIFO,
+socket or device is refused from its `stat` without being opened, an unreadable file is a
+DataError with the OS's reason. A text file is cut into lines with numpy at its line ends (LF,
+CRLF or a lone CR), so any byte may appear inside a line (no byte doubles as a separator); a
+line is split into string fields with polars and cast with `strict=False`, and the first row
+whose field count or cast fails names the line. CSV files with quoting go through polars' CSV
+reader, every column as text, with `_line` beside the data; they must be UTF-8. Text fields
+must not hold control bytes. Values quoted in messages are cut short (`shown`).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -38,15 +44,81 @@ def more(n: int, what: str = "line") -> str:
     return f" (and {n} more such {what}{'s' if n > 1 else ''})" if n > 0 else ""
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """`repr` of a value from the file, cut to `limit` characters: an error names the line and
+    shows its start, it never dumps a file (a wrong file given as data may hold anything)."""
+    if not isinstance(value, str) or len(value) <= limit:
+        return repr(value)
+    return repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
+def shown_names(names: Sequence[str], limit: int = 8) -> str:
+    """A header's column names, at most `limit` of them, each cut short."""
+    cut = [n if len(n) <= 30 else n[:30] + "..." for n in names[:limit]]
+    return str(cut)[:-1] + (f", ... ({len(names)} columns)]" if len(names) > limit else "]")
+
+
+# --------------------------------------------------------------------------------------------
+# Opening files: refused before reading when they are not regular, readable files
+
+
+def read_bytes(path: Path, size: int = -1) -> bytes:
+    """The file's bytes (the first `size`; all when -1), or a DataError naming the file. A
+    FIFO, socket or device is refused from its `stat`, without opening it (a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path}: is a directory; expected a data file")
+    if not stat.S_ISREG(mode):
+        raise DataError(
+            f"{path}: not a regular file (a FIFO, socket or device); expected a data file"
+        )
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from None
+
+
+def check_readable(path: Path) -> None:
+    """DataError unless `path` is a regular file this process can read (see `read_bytes`);
+    for files that a library (polars, pyarrow) opens itself."""
+    read_bytes(path, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # Files as lines
+
+
+# bytes no text field holds: C0 controls but TAB, LF, CR; DEL; U+FFFD (undecodable bytes)
+CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]"
+
+
+def check_utf8(path: Path, raw: bytes) -> None:
+    """DataError naming the line of the first byte that is not UTF-8 (binary data, or another
+    encoding) in a file that must be UTF-8 text."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = len(re.findall(rb"\r\n|\r|\n", raw[: e.start])) + 1
+        raise DataError(
+            f"{path}, line {line}: expected UTF-8 text, found the byte 0x{raw[e.start]:02x} "
+            "(binary data, or text in another encoding)"
+        ) from None
 
 
 def read_text(path: Path, encoding: str) -> bytes:
     """The file as UTF-8 bytes with `\\n` line ends: no byte-order mark, CRLF and lone CR (old
     Mac) made `\\n`. `encoding`: "utf8" (invalid bytes become U+FFFD), "auto" (UTF-8, else
     latin-1) or any Python codec name."""
-    raw = path.read_bytes()
+    return _normalise(read_bytes(path), encoding)
+
+
+def _normalise(raw: bytes, encoding: str) -> bytes:
     if encoding in ("utf8", "auto"):
         try:
             raw.decode("utf-8")
@@ -88,8 +160,7 @@ def line_text(path: Path, line: int, encoding: str = "utf8") -> str:
 
 def head_lines(path: Path, size: int = 1 << 16) -> list[str]:
     """The lines of the file's first `size` bytes (any line end, no byte-order mark)."""
-    with open(path, "rb") as fh:
-        head = fh.read(size)
+    head = read_bytes(path, size)
     return re.split(r"\r\n?|\n", head.decode("utf-8", "replace").lstrip("\ufeff"))
 
 
@@ -134,7 +205,7 @@ def read_fields(
             missing = [h for h in header if h not in [g.strip().strip('"') for g in got]]
             raise DataError(
                 f"{path}, line 1: expected the header {sep.join(header)!r}, found "
-                f"{sep.join(got)!r}" + (f" (missing column(s) {missing})" if missing else "")
+                f"{shown(sep.join(got))}" + (f" (missing column(s) {missing})" if missing else "")
             )
     lines = scan_lines(path, encoding)
     if header is not None:
@@ -162,7 +233,7 @@ def read_fields(
         line, nf = bad["_line"][0], bad["_nf"][0]
         raise DataError(
             f"{path}, line {line}: expected {k} fields separated by {sep!r} ({layout}), "
-            f"found {nf}: {line_text(path, line, encoding)!r}" + more(bad.height - 1)
+            f"found {nf}: {shown(line_text(path, line, encoding))}" + more(bad.height - 1)
         )
     for i, (n, t) in enumerate(fields.items()):
         if t == pl.String:
@@ -173,7 +244,7 @@ def read_fields(
             value = line_text(path, line, encoding).split(sep)[i].strip()
             raise DataError(
                 f"{path}, line {line}, field {n!r} (field {i + 1} of {layout!r}): expected "
-                f"{kind(t)}, found {value!r}" + more(bad.height - 1)
+                f"{kind(t)}, found {shown(value)}" + more(bad.height - 1)
             )
         lo, hi = (ranges or {}).get(n, (None, None))
         ok = pl.col(n).is_finite() if t in FLOAT_TYPES else pl.lit(True)
@@ -186,8 +257,9 @@ def read_fields(
             want = "a finite number" + (f" from {lo:g} to {hi:g}" if lo is not None else "")
             raise DataError(
                 f"{path}, line {line}, field {n!r} (field {i + 1} of {layout!r}): expected "
-                f"{want}, found {value!r}" + more(bad.height - 1)
+                f"{want}, found {shown(value)}" + more(bad.height - 1)
             )
+    _check_control(df, [n for n, t in fields.items() if t == pl.String], str(path), "field")
     return df.drop("_nf")
 
 
@@ -203,19 +275,24 @@ def csv_sep(p: Path, separator: str | None) -> str:
 
 def read_csv_strings(path: Path, *, required: Sequence[str], separator: str = ",") -> pl.DataFrame:
     """A CSV with a header, every column as text, plus `_line`; checks the required columns."""
-    header = first_line(path)
-    if not header.strip():
+    raw = read_bytes(path)
+    check_utf8(path, raw)
+    # polars ends lines at LF (CRLF too) only: it reads the text with every line end made LF
+    raw = _normalise(raw, "utf8")
+    if not raw.split(b"\n", 1)[0].strip():
         raise DataError(
             f"{path}: the file is empty; expected a header line with columns {list(required)}"
         )
     try:
-        df = pl.read_csv(path, infer_schema=False, separator=separator, raise_if_empty=False)
+        df = pl.read_csv(
+            io.BytesIO(raw), infer_schema=False, separator=separator, raise_if_empty=False
+        )
     except pl.exceptions.PolarsError as e:
         raise DataError(_locate_csv_error(path, separator, e)) from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(
-            f"{path}: missing column(s) {missing}; the header has {df.columns} "
+            f"{path}: missing column(s) {missing}; the header has {shown_names(df.columns)} "
             f"(separator {separator!r})"
         )
     df = df.with_row_index("_line", offset=2).with_columns(pl.col("_line").cast(pl.Int64))
@@ -223,7 +300,21 @@ def read_csv_strings(path: Path, *, required: Sequence[str], separator: str = ",
     df = df.filter(~pl.all_horizontal([pl.col(c).is_null() for c in df.columns if c != "_line"]))
     if df.height == 0:
         raise DataError(f"{path}: the file has a header but no data lines")
+    _check_control(df, [c for c in df.columns if c != "_line"], str(path))
     return df
+
+
+def _check_control(df: pl.DataFrame, cols: list[str], file: str, what: str = "column") -> None:
+    """Text fields hold text: a control byte (0x1F, NUL, ...) means binary data or a file
+    written with a separator this format does not use."""
+    for c in cols:
+        bad = df[c].str.contains(CONTROL).fill_null(False)
+        if bad.any():
+            at, n = locate(df, file, bad)
+            raise DataError(
+                f"{at}, {what} {c!r}: expected text, found a control or undecodable byte in "
+                f"{shown(df[c].filter(bad)[0])}" + more(n - 1, "value")
+            )
 
 
 def _locate_csv_error(path: Path, sep: str, err: Exception) -> str:
@@ -241,9 +332,10 @@ def _locate_csv_error(path: Path, sep: str, err: Exception) -> str:
             line = bad["_line"][0]
             return (
                 f"{path}, line {line}: expected {k} fields separated by {sep!r} like the header, "
-                f"found {bad['nf'][0]}: {line_text(path, line)!r}"
+                f"found {bad['nf'][0]}: {shown(line_text(path, line))}"
             )
-    return f"{path}: could not parse as CSV (separator {sep!r}): {str(err).splitlines()[0]}"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{path}: could not parse as CSV (separator {sep!r}): {reason[:120]}"
 
 
 def where(df: pl.DataFrame, file: str, row: int) -> str:
@@ -277,5 +369,7 @@ def cast_column(df: pl.DataFrame, col: str, dtype: pl.DataType, file: str) -> pl
     if fail.any():
         at, n = locate(df, file, fail)
         value = src.filter(fail)[0]
-        raise DataError(f"{at}, column {col!r}: expected {want}, found {value!r}" + more(n - 1, "value"))
+        raise DataError(
+            f"{at}, column {col!r}: expected {want}, found {shown(value)}" + more(n - 1, "value")
+        )
     return df.with_columns(out.alias(col))

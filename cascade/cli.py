@@ -42,7 +42,8 @@ class _Boundary(TyperGroup):
 
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit,
+                typer.Abort):
             raise
         except KeyboardInterrupt:
             Console(stderr=True, emoji=False).print("[red]interrupted[/red]")

@@ -114,7 +114,8 @@ class StageSpec:
 _TOP_KEYS = (
     "name", "data", "data_options", "split", "max_len", "retrieval", "esr", "esr_baseline",
     "esr_variants", "lsr", "budgets", "index", "exclude_seen", "device", "seed", "batch_size",
-    "cache_dir", "retrain", "out", "oracle", "reference", "reference_requests", "warmup",
+    "cache_dir", "retrain", "out", "oracle", "oracle_requests", "reference", "reference_requests",
+    "warmup",
     "bootstrap",
 )
 
@@ -148,6 +149,9 @@ class RunConfig:
     retrain: bool = False
     out: str | None = None  # None: runs/<YYYYmmdd-HHMMSS>-<name>
     oracle: bool = True  # the LSR also scores every retrieved candidate (funnel loss)
+    # test requests the oracle pass scores (evenly spaced, the same ones as the reference when
+    # the counts are equal); 0: every test request
+    oracle_requests: int = 500
     reference: bool = True  # LSR over the full catalogue and most-popular reference points
     # test requests the full-catalogue reference scores (evenly spaced). Scoring
     # every item with the LSR costs n_items / retrieval_k times the funnel's LSR pass, so by
@@ -177,6 +181,7 @@ class RunConfig:
         _int(self.esr_k, "budgets.esr", minimum=2, optional=True)
         _int(self.final_k, "budgets.final", minimum=1)
         _int(self.reference_requests, "RunConfig.reference_requests", minimum=0)
+        _int(self.oracle_requests, "RunConfig.oracle_requests", minimum=0)
         check_esr_share(self.esr_share)
         ks = [(n, v) for n, v in (("retrieval", self.retrieval_k), ("esr", self.esr_k),
                                   ("final", self.final_k)) if v is not None]
@@ -292,6 +297,7 @@ class RunConfig:
             "retrain": self.retrain,
             "out": self.out,
             "oracle": self.oracle,
+            "oracle_requests": self.oracle_requests,
             "reference": self.reference,
             "reference_requests": self.reference_requests,
             "warmup": self.warmup,

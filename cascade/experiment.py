@@ -38,7 +38,7 @@ from cascade.metrics import (
 )
 from cascade.pipeline import Budgets
 from cascade.records import check_target, write_run
-from cascade.replay import replay
+from cascade.replay import evenly_spaced_rows, replay
 from cascade.session import fit_funnel, traffic_key
 
 
@@ -88,7 +88,8 @@ def run_experiment(
         check_target(out)
 
     rep = replay(
-        funnel.pipeline(), test, batch_size=cfg.batch_size, oracle=cfg.oracle, warmup=cfg.warmup,
+        funnel.pipeline(), test, batch_size=cfg.batch_size, oracle=cfg.oracle,
+        oracle_rows=evenly_spaced_rows(len(test), cfg.oracle_requests), warmup=cfg.warmup,
         progress=progress, description=f"replay {len(test):,} requests",
     )
     say(f"replayed {len(test):,} requests in {rep.seconds:.1f}s")

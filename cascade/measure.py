@@ -27,7 +27,7 @@ from cascade.metrics import (
     throughput,
 )
 from cascade.pipeline import Budgets
-from cascade.replay import full_catalogue_ranks
+from cascade.replay import evenly_spaced_rows, full_catalogue_ranks
 from cascade.session import Prepared
 from cascade.stages.base import ScoresCatalogue
 from cascade.util.ranking import mean
@@ -68,7 +68,7 @@ def reference_metrics(
     the requests scored."""
     ds, split, ctx, test = prepared
     if 0 < n_requests < len(test):
-        rows = np.unique(np.linspace(0, len(test) - 1, n_requests).round().astype(np.int64))
+        rows = np.flatnonzero(evenly_spaced_rows(len(test), n_requests))
         test = Traffic(ds, split.test[rows], max_len=test.max_len)
     valid = test.targets >= 0
     lsr_ranks = full_catalogue_ranks(
@@ -133,7 +133,9 @@ def variant_metrics(
     }
     if "rank_oracle" in part.columns:
         keys = [m.key for m in final_metrics()]
-        o = part.select(
+        sampled = part.filter(pl.col("oracle_sampled"))
+        q_same = quality_summary(sampled)  # the funnel on the requests the oracle scored
+        o = sampled.select(
             *[pl.col(f"oracle_{k}").mean().alias(k) for k in keys],
             pl.col("consistency").mean(),
             # of the requests the LSR would have answered from the whole retrieved set,
@@ -145,8 +147,9 @@ def variant_metrics(
         ).row(0, named=True)
         out["consistency@10"] = o["consistency"]
         out["funnel_loss"] = {
+            "n_requests": sampled.height,
             "oracle": {k: o[k] for k in keys},
-            **{k: o[k] - q[k] for k in keys},
+            **{k: (o[k] - q_same[k] if o[k] is not None else None) for k in keys},
             "esr_cut_rate": o["esr_cut_rate"],
         }
     out["by_history_length"] = breakdown(part, "hist_bucket", [b[0] for b in HISTORY_BUCKETS])

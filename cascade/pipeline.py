@@ -124,7 +124,8 @@ class FunnelOutput:
     retrieved: Tensor  # (B, K_retrieval) int64, best first
     retrieval_ns: int
     variants: dict[str, VariantOutput]
-    oracle_ids: Tensor | None = None  # (B, K_final): the LSR's top final over ALL retrieved
+    oracle_ids: Tensor | None = None  # (B', K_final): the LSR's top final over ALL retrieved,
+    # for the batch's oracle rows (all B rows unless `run_batch` was given `oracle_rows`)
     oracle_ns: int = 0
 
 
@@ -226,10 +227,12 @@ class Pipeline:
 
     @torch.no_grad()
     def run_batch(
-        self, batch: RequestBatch, *, oracle: bool = False, n_items: int | None = None
+        self, batch: RequestBatch, *, oracle: bool = False, n_items: int | None = None,
+        oracle_rows: Tensor | None = None,
     ) -> FunnelOutput:
         """The funnel on one batch (already on the device). With `oracle`, the LSR also scores
-        every retrieved candidate (what the funnel would give without the ESR's cut)."""
+        every retrieved candidate (what the funnel would give without the ESR's cut), for the
+        rows `oracle_rows` (int64 indices into the batch) or for all rows when None."""
         b = self.budgets
         t0 = self._now()
         retrieved = self._retrieve(batch, n_items)
@@ -244,8 +247,11 @@ class Pipeline:
             t4 = self._now()
             variants[label] = VariantOutput(esr_ids, final_ids, t3 - t2, t4 - t3)
         oracle_ids, oracle_ns = None, 0
-        if oracle:
+        if oracle and (oracle_rows is None or len(oracle_rows)):
+            sub, cand = batch, retrieved
+            if oracle_rows is not None and len(oracle_rows) < len(batch):
+                sub, cand = batch.select(oracle_rows), retrieved[oracle_rows]
             t5 = self._now()
-            oracle_ids = self._rank("lsr", lsr_label, self.lsr, batch, retrieved, b.final)
+            oracle_ids = self._rank("lsr", lsr_label, self.lsr, sub, cand, b.final)
             oracle_ns = self._now() - t5
         return FunnelOutput(retrieved, t1 - t0, variants, oracle_ids, oracle_ns)

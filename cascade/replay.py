@@ -2,14 +2,21 @@
 
 For every request and ESR variant it records where each ground-truth item stands after each
 stage (its 0-based rank in that stage's output, -1 once dropped) and, per batch, each stage's
-latency. The first `warmup` batches run once untimed before the timed pass (first calls pay for
-lazy initialisation, allocator growth and kernel compilation, which a serving system would not).
+latency. The first `warmup` batches run once, untimed, before the timed pass (first calls pay
+for lazy initialisation, allocator growth and kernel compilation, which a serving system would
+not); the timed pass then covers every batch, those included.
 The shared retrieval time is recorded under every variant, so each variant's funnel latency and
 throughput include it.
 
 With `oracle=True` the LSR also scores every retrieved candidate: its top `final` over the whole
 retrieved set is what the funnel would return without the ESR's cut, which gives the funnel's
-loss and the ESR-LSR consistency (overlap of the ESR's top-K with that list, K = final).
+loss and the ESR-LSR consistency (overlap of the ESR's top-K with that list, K = final). That
+pass costs more than the funnel's own LSR passes, so it can run on a sample of the requests
+(`oracle_rows`; `evenly_spaced_rows` picks the same requests the full-catalogue reference
+scores).
+
+Progress is a bar on a terminal and a plain line every few seconds elsewhere
+(`cascade.util.progress`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 from cascade.data.traffic import Traffic
 from cascade.metrics import final_values
 from cascade.pipeline import Pipeline
+from cascade.util.progress import Progress
 from cascade.util.ranking import overlap_at_k, ranks_from_scores, recall, target_ranks
 
 LATENCY_SCHEMA = {
@@ -48,6 +56,7 @@ class ReplayResult:
     rank_lsr: dict[str, np.ndarray]  # variant -> (R, T)
     rank_oracle: np.ndarray | None  # (R, T): rank in the LSR's top final over all retrieved
     consistency: dict[str, np.ndarray] | None  # variant -> (R,) overlap@final of ESR and LSR
+    oracle_rows: np.ndarray | None  # (R,) bool: the requests the oracle pass scored
     latency: pl.DataFrame  # LATENCY_SCHEMA, one row per (variant, stage, batch)
     final_k: int
     seconds: float  # wall time of the timed pass
@@ -81,11 +90,33 @@ class ReplayResult:
                 cols[f"recall_{stage}"] = recall(r, v)
             cols.update(final_values(self.rank_lsr[name], v, self.final_k))
             if self.rank_oracle is not None:
-                cols["rank_oracle"] = _nullable(self.rank_oracle[:, 0])
-                cols.update(final_values(self.rank_oracle, v, self.final_k, prefix="oracle_"))
-                cols["consistency"] = self.consistency[name]
+                rows = self.oracle_rows
+                cols["oracle_sampled"] = rows
+                cols["rank_oracle"] = _nullable(np.where(rows, self.rank_oracle[:, 0], -1))
+                for key, x in final_values(self.rank_oracle, v, self.final_k, "oracle_").items():
+                    cols[key] = np.where(rows, x, np.nan)
+                cols["consistency"] = np.where(rows, self.consistency[name], np.nan)
             frames.append(pl.DataFrame(cols))
         return pl.concat(frames)
+
+
+def _rows(oracle_rows: np.ndarray | None, sl: slice, device) -> torch.Tensor | None:
+    """The batch's oracle rows as indices into the batch (None: no oracle pass)."""
+    if oracle_rows is None:
+        return None
+    return torch.as_tensor(np.flatnonzero(oracle_rows[sl]), dtype=torch.int64, device=device)
+
+
+def evenly_spaced_rows(n_total: int, n: int) -> np.ndarray:
+    """(n_total,) bool: `n` evenly spaced rows (all when n is 0 or >= n_total). The
+    full-catalogue reference and the oracle pass use it, so equal counts pick the same
+    requests."""
+    out = np.zeros(n_total, bool)
+    if n <= 0 or n >= n_total:
+        out[:] = True
+    else:
+        out[np.unique(np.linspace(0, n_total - 1, n).round().astype(np.int64))] = True
+    return out
 
 
 def _nullable(rank: np.ndarray) -> pl.Series:
@@ -100,19 +131,13 @@ def replay(
     *,
     batch_size: int = 256,
     oracle: bool = False,
+    oracle_rows: np.ndarray | None = None,
     warmup: int = 1,
     progress: bool = True,
     description: str = "replay",
 ) -> ReplayResult:
-    """Run `pipeline` over every request of `traffic` (see module docstring)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
+    """Run `pipeline` over every request of `traffic` (see module docstring). `oracle_rows`:
+    (R,) bool, the requests the oracle pass scores (all when None)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(traffic) == 0:
@@ -126,6 +151,12 @@ def replay(
     rank_lsr = {n: np.full((R, T), -1, np.int64) for n in names}
     rank_orc = np.full((R, T), -1, np.int64) if oracle else None
     cons = {n: np.zeros(R, np.float64) for n in names} if oracle else None
+    if oracle:
+        oracle_rows = np.ones(R, bool) if oracle_rows is None else np.asarray(oracle_rows, bool)
+        if oracle_rows.shape != (R,):
+            raise ValueError(f"oracle_rows must be ({R},) booleans, got {oracle_rows.shape}")
+    else:
+        oracle_rows = None
     rows: dict[str, list] = {c: [] for c in LATENCY_SCHEMA}
 
     def add(variant: str, stage: str, b: int, size: int, ns: int) -> None:
@@ -138,42 +169,40 @@ def replay(
     n_batches = traffic.n_batches(batch_size)
     for w in range(min(warmup, n_batches)):  # untimed: lazy init, allocator, compilation
         sl = slice(w * batch_size, (w + 1) * batch_size)
-        pipeline.run_batch(traffic.batch(sl).to(device), oracle=oracle, n_items=n_items)
+        pipeline.run_batch(traffic.batch(sl).to(device), oracle=oracle, n_items=n_items,
+                           oracle_rows=_rows(oracle_rows, sl, device))
 
     import time
 
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=R)
+    with Progress(description, total=R, unit="requests", enabled=progress) as bar:
         for b in range(n_batches):
             sl = slice(b * batch_size, min((b + 1) * batch_size, R))
             batch = traffic.batch(sl).to(device)
-            out = pipeline.run_batch(batch, oracle=oracle, n_items=n_items)
+            batch_oracle = _rows(oracle_rows, sl, device)
+            out = pipeline.run_batch(batch, oracle=oracle, n_items=n_items,
+                                     oracle_rows=batch_oracle)
             tg = traffic.targets[sl]
             size = len(batch)
             rank_ret[sl] = target_ranks(out.retrieved.cpu().numpy(), tg)
-            oracle_np = None
-            if oracle:
+            oracle_np, picked = None, None
+            if oracle and out.oracle_ids is not None:
+                picked = np.arange(sl.start, sl.stop)[oracle_rows[sl]]
                 oracle_np = out.oracle_ids.cpu().numpy()
-                rank_orc[sl] = target_ranks(oracle_np, tg)
+                rank_orc[picked] = target_ranks(oracle_np, traffic.targets[picked])
             for name in names:
                 vo = out.variants[name]
                 esr_np = vo.esr_ids.cpu().numpy()
                 rank_esr[name][sl] = target_ranks(esr_np, tg)
                 rank_lsr[name][sl] = target_ranks(vo.final_ids.cpu().numpy(), tg)
-                if oracle:
-                    cons[name][sl] = overlap_at_k(esr_np, oracle_np, pipeline.budgets.final)
+                if oracle_np is not None:
+                    cons[name][picked] = overlap_at_k(
+                        esr_np[picked - sl.start], oracle_np, pipeline.budgets.final
+                    )
                 add(name, "retrieval", b, size, out.retrieval_ns)
                 add(name, "esr", b, size, vo.esr_ns)
                 add(name, "lsr", b, size, vo.lsr_ns)
-            bar.advance(task, size)
+            bar.advance(size)
     seconds = time.perf_counter() - t0
     return ReplayResult(
         variants=names,
@@ -186,6 +215,7 @@ def replay(
         rank_lsr=rank_lsr,
         rank_oracle=rank_orc,
         consistency=cons,
+        oracle_rows=oracle_rows,
         latency=pl.DataFrame(rows, schema=LATENCY_SCHEMA),
         final_k=pipeline.budgets.final,
         seconds=seconds,
@@ -207,15 +237,9 @@ def full_catalogue_ranks(
     (B, n_items)` scores, items in the request's (max_len-truncated) history excluded when
     `exclude_seen` (as the retrieval stage does). Ties count against the target (see
     `cascade.metrics.ranks_from_scores`); an excluded target gets -1."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     R, T = traffic.targets.shape
     out = np.full((R, T), -1, np.int64)
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        disable=not progress, transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=R)
+    with Progress(description, total=R, unit="requests", enabled=progress) as bar:
         for start in range(0, R, batch_size):
             sl = slice(start, min(start + batch_size, R))
             batch = traffic.batch(sl).to(device)
@@ -223,7 +247,7 @@ def full_catalogue_ranks(
             if exclude_seen:
                 scores = mask_seen(scores, batch)
             out[sl] = ranks_from_scores(scores.cpu().numpy(), traffic.targets[sl])
-            bar.advance(task, len(batch))
+            bar.advance(len(batch))
     return out
 
 

@@ -550,3 +550,41 @@ def test_ml100k_end_to_end(ml100k_path, tmp_path):
         assert r[0] > 0.3  # retrieval of 250 of 1682 items, trained briefly, beats chance (0.15)
     assert m["reference"]["most_popular"]["hr@10"] > 0.0
     assert load_run(res.path).requests().height == 300 * len(m["variants"])
+
+
+def test_oracle_pass_and_reference_score_the_same_sampled_requests(planted, tmp_path):
+    """The oracle pass (funnel loss) and the full-catalogue reference run on the same evenly
+    spaced requests; the funnel loss compares the funnel with the oracle on exactly those."""
+    from cascade.replay import evenly_spaced_rows
+
+    cfg = toy_config(tmp_path).replace(oracle_requests=7, reference_requests=7, out=None)
+    res = run_experiment(cfg, dataset=planted, progress=False, write=False)
+    n = res.metrics["data"]["n_requests"]
+    assert n > 7
+    mf = res.requests.filter(pl.col("variant") == "mf")
+    sampled = mf.filter(pl.col("oracle_sampled"))
+    expected = mf["request_id"].to_numpy()[evenly_spaced_rows(n, 7)]
+    assert sampled["request_id"].to_list() == expected.tolist()
+    assert res.metrics["reference"]["n_requests"] == 7
+    loss = res.metrics["variants"]["mf"]["funnel_loss"]
+    assert loss["n_requests"] == 7
+    assert mf.filter(~pl.col("oracle_sampled"))["rank_oracle"].null_count() == n - 7
+    funnel_same = sampled["ndcg@10"].mean()
+    assert loss["ndcg@10"] == pytest.approx(sampled["oracle_ndcg@10"].mean() - funnel_same)
+    every = run_experiment(cfg.replace(oracle_requests=0), dataset=planted, progress=False,
+                           write=False)
+    assert every.metrics["variants"]["mf"]["funnel_loss"]["n_requests"] == n
+
+
+def test_replay_prints_plain_progress_lines_when_stdout_is_not_a_terminal(fitted, capsys, monkeypatch):
+    prep, ret, pop = fitted
+    monkeypatch.setenv("CASCADE_PROGRESS_SECONDS", "0")
+    pipe = Pipeline(ret, {"pop": pop}, pop, Budgets(40, 20, 10))
+    n = len(prep.test)
+    replay(pipe, prep.test, batch_size=8, progress=True, description="replay test")
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("replay test:")]
+    assert len(lines) == -(-n // 8)  # one per batch at interval 0, the last one included
+    assert lines[0].startswith(f"replay test: 8/{n:,} requests") and "ETA" in lines[0]
+    assert lines[-1].startswith(f"replay test: {n:,}/{n:,} requests (100%)") and "took" in lines[-1]
+    replay(pipe, prep.test, batch_size=8, progress=False)
+    assert capsys.readouterr().out == ""

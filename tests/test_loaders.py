@@ -4,6 +4,7 @@ cache (without network: file:// and a local http server), and `cascade data desc
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import json
 import threading
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from cascade.data.dataset import DataError
 from cascade.data.describe import describe
-from cascade.data.download import KNOWN_DATASETS, dataset_dir, dataset_url
+from cascade.data.download import CHECKSUMS, KNOWN_DATASETS, dataset_dir, dataset_url
 from cascade.data.formats.movielens import (
     ML100K_GENRES,
     load_movielens_100k,
@@ -309,13 +310,17 @@ def test_synthetic_spec_delegates():
 # known names: the cache and the download (no network: file:// and 127.0.0.1)
 
 
-def _ml_zip(tmp_path: Path, name: str = "ml-latest-small") -> Path:
+def _ml_zip(tmp_path: Path, monkeypatch, name: str = "ml-latest-small") -> Path:
+    """A crafted archive, pinned in place of the GroupLens one (tests/test_download.py checks
+    that an unpinned one is refused)."""
     src = write_ml_csv(tmp_path / "src" / name)
     z = tmp_path / "mirror" / f"{name}.zip"
     z.parent.mkdir(parents=True)
     with zipfile.ZipFile(z, "w") as zf:
         for f in src.iterdir():
             zf.write(f, f"{name}/{f.name}")
+    data = z.read_bytes()
+    monkeypatch.setitem(CHECKSUMS, name, (hashlib.sha256(data).hexdigest(), len(data)))
     return z
 
 
@@ -337,7 +342,7 @@ def test_known_names_urls():
 
 
 def test_download_from_file_url_then_cache(tmp_path, monkeypatch):
-    z = _ml_zip(tmp_path)
+    z = _ml_zip(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
     monkeypatch.setenv("CASCADE_DATA_MIRROR", z.parent.as_uri())
     monkeypatch.setenv("CASCADE_DATA_DIR", str(cache))
@@ -349,8 +354,8 @@ def test_download_from_file_url_then_cache(tmp_path, monkeypatch):
     assert load_dataset("ml-latest-small").n_events == 5
 
 
-def test_download_from_local_http_server(tmp_path):
-    z = _ml_zip(tmp_path)
+def test_download_from_local_http_server(tmp_path, monkeypatch):
+    z = _ml_zip(tmp_path, monkeypatch)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(z.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.RequestHandlerClass.log_message = lambda *a: None
@@ -385,10 +390,10 @@ def test_download_failure_names_url_and_manual_path(tmp_path):
 
 
 def test_download_bad_zip_and_no_download(tmp_path, monkeypatch):
-    bad = _write(tmp_path / "m" / "ml-1m.zip", "not a zip")
+    bad = _write(tmp_path / "m" / "ml-10m.zip", "not a zip")  # ml-10m: no pinned checksum
     monkeypatch.setenv("CASCADE_DATA_MIRROR", bad.parent.as_uri())
-    with pytest.raises(DataError, match=r"ml-1m\.zip is not a valid zip archive"):
-        dataset_dir("ml-1m", tmp_path / "c", progress=False)
+    with pytest.raises(DataError, match=r"ml-10m\.zip is not a valid zip archive"):
+        dataset_dir("ml-10m", tmp_path / "c", progress=False)
     with pytest.raises(DataError, match=r"ml-1m is not in the cache .*ratings\.dat is missing"):
         load_dataset("ml-1m", cache_dir=tmp_path / "c", download=False)
 

@@ -185,3 +185,52 @@ def test_compare_variants_pairs_by_request_id():
     assert c["ndcg@10"]["delta"] == pytest.approx((0.5 - 0.0 + 1.0 - 0.5) / 4)
     assert c["recall@esr"]["delta"] == pytest.approx(0.25)
     assert c["hr@10"]["variant"] == "a" and c["hr@10"]["baseline"] == "b"
+
+
+# ---- the metric registry ---------------------------------------------------------------------------
+
+
+def test_unknown_metric_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown metric 'ndcg@5'; known: hr@10, ndcg@10, mrr"):
+        M.get_metric("ndcg@5")
+    assert M.get_metric("mrr").label == "MRR"
+
+
+def test_registry_refuses_a_clashing_or_duplicate_key():
+    with pytest.raises(ValueError, match="clashes"):
+        M.register_metric(M.Metric("recall_esr", "x", lambda r, v, n: r[:, 0], "x"))
+    with pytest.raises(ValueError, match="already registered"):
+        M.register_metric(M.Metric("mrr", "MRR2", lambda r, v, n: r[:, 0], "another mrr"))
+
+
+@pytest.fixture
+def hr_at_1():
+    """The worked example of adding a metric: one `register_metric` call."""
+    metric = M.register_metric(M.Metric(
+        "hr@1", "HR@1", lambda r, v, n: M.hit_rate(r, v, 1), "the target is ranked first"))
+    yield metric
+    M._METRICS.pop("hr@1")
+
+
+def test_a_registered_metric_reaches_replay_metrics_json_and_the_table(hr_at_1, tmp_path):
+    """A new metric flows through every consumer without touching them."""
+    from typer.testing import CliRunner
+
+    from cascade.cli import app
+    from cascade.records import read_run
+
+    res = CliRunner().invoke(app, [
+        "run", "--data", "synthetic:tiny", "--retrieval", "popular", "--esr", "popular",
+        "--esr-baseline", "popular", "--lsr", "popular", "--out", str(tmp_path / "r"),
+        "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "final HR@1" in res.output and "funnel loss HR@1" in res.output
+    run = read_run(tmp_path / "r")
+    v = run.metrics["variants"]["popular"]
+    rows = run.requests.filter(pl.col("variant") == "popular")
+    assert v["final"]["hr@1"] == pytest.approx(rows["hr@1"].mean())
+    assert v["final"]["hr@1"] == pytest.approx((rows["rank_lsr"].fill_null(-1) == 0).mean())
+    assert v["final"]["hr@1"] <= v["final"]["hr@10"]
+    assert "hr@1" in run.metrics["comparisons"]["popular"]
+    assert "hr@1" in run.metrics["reference"]["lsr_full_catalogue"]
+    assert "HR@1" in (tmp_path / "r" / "report.md").read_text()

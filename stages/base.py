@@ -4,7 +4,12 @@ Two kinds of stage:
 - a `Retriever` turns a batch of requests into candidate ids from the whole catalogue;
 - a `Ranker` (ESR, LSR, or a user's own) scores given candidate ids; choosing the top k is the
   pipeline's job, never the stage's.
-Both are fitted on the training split via a `FitContext` and return `self` from `fit`.
+Both are fitted on the training split via a `FitContext` and return `self` from `fit`; what the
+run decides for every stage (device, seed, exclude_seen, the retrieval index) travels in that
+context. Learned state is set by `fit` and named with a trailing underscore (`model_`,
+`fit_report_`); a stage used before `fit` raises `NotFittedError` (`check_fitted`).
+`cascade.stages.learned.LearnedStage` is the base of the built-in learned stages, and
+`cascade.stages.check_stage` the conformance check every stage should pass.
 
 Stages are found by name in a registry filled with `@register("esr", "twotower")`, by a
 `"package.module:Class"` string, or through the `cascade.stages` entry-point group
@@ -37,6 +42,19 @@ STAGE_KINDS: tuple[str, ...] = ("retrieval", "esr", "lsr")
 
 class StageError(RuntimeError):
     """A stage could not be found, loaded, or returned something the funnel cannot use."""
+
+
+class NotFittedError(StageError):
+    """A stage was used (scored, asked to retrieve) before `fit`."""
+
+
+def check_fitted(stage: object, kind: str, *attributes: str) -> None:
+    """Raise `NotFittedError` unless `fit` has set every one of `attributes` (not None) on
+    `stage`: the one "used before fit" error of every stage. `kind` names the stage in the
+    message ("retrieval", "esr", "lsr", or "ranker" for a stage serving as both rankers)."""
+    if any(getattr(stage, a, None) is None for a in attributes):
+        name = getattr(stage, "name", None) or type(stage).__name__
+        raise NotFittedError(f"{kind} stage {name!r} used before fit(); call fit(ctx) first")
 
 
 @dataclass(frozen=True)
@@ -81,7 +99,8 @@ class Ranker(Protocol):
     def fit(self, ctx: FitContext) -> "Ranker": ...
 
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
-        """candidates: (B, K) int64 item ids -> (B, K) float32 scores, higher is better."""
+        """candidates: (B, K) int64 catalogue item ids -> (B, K) float32 scores, higher is
+        better. Never -1: the pipeline scores a padded slot as item 0 and masks it itself."""
         ...
 
 
@@ -110,6 +129,7 @@ REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 _REGISTRY: dict[str, dict[str, Callable[..., object]]] = {k: {} for k in STAGE_KINDS}
+_BUILTIN_MODULES = ("retrieval", "twotower", "lsr", "popular", "oracle", "gesr")
 _BUILTINS_LOADED = False
 
 
@@ -130,13 +150,9 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(f"cascade.stages.{mod}")
     _BUILTINS_LOADED = True
-    for mod in ("retrieval", "twotower", "lsr", "popular", "oracle", "gesr"):
-        try:
-            importlib.import_module(f"cascade.stages.{mod}")
-        except ModuleNotFoundError as e:  # a built-in not written yet must not hide the others
-            if e.name != f"cascade.stages.{mod}":
-                raise
 
 
 def known_stages(kind: str) -> list[str]:

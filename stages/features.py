@@ -34,7 +34,6 @@ from cascade.data.derive import N_ACTION_CODES, N_GAP_BUCKETS
 from cascade.data.traffic import RequestBatch, Traffic
 
 Combine = Literal["sum", "concat"]
-PAD_SCORE = -1e9  # a ranker's score for a -1 (padding) candidate: finite, below any real score
 DEDUP_MIN = 2048  # ItemFeatureEmbedder embeds distinct ids once when a call has more ids
 
 

@@ -30,8 +30,10 @@ next-item head and DCN-v2 feature crossing. The heaviest model of the funnel.
   shared in-batch + uniform negatives (logQ-corrected, `next_item_weight`): dense, cheap signal
   that trains the encoder and item embeddings on every event.
   Early stopping on NDCG@10 re-ranking the generative head's top 100 (`validation`; or
-  `sampled_mrr`): it tracks the full-catalogue metric the LSR is judged on. The user-id embedding is zero-initialised, so a user never
-  seen in training (temporal split) falls back to features and history.
+  `sampled_mrr`): it tracks the full-catalogue metric the LSR is judged on, seen items left out
+  when the run leaves them out (`FitContext.exclude_seen`). The user-id embedding is
+  zero-initialised, so a user never seen in training (temporal split) falls back to features
+  and history.
 - Serving: `score(batch, candidates)` (the funnel) and `score_all(batch, chunk=...)` (every item,
   in chunks, for the full-catalogue reference metric) both encode the history once per request.
 """
@@ -48,9 +50,8 @@ from torch import Tensor, nn
 
 from cascade.data.traffic import RequestBatch
 from cascade.stages.hstu import HistoryState, TargetAwareEncoder
-from cascade.stages.base import FitContext, StageError, register
+from cascade.stages.base import FitContext, register
 from cascade.stages.features import (
-    PAD_SCORE,
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
     MatchCounter,
@@ -62,7 +63,9 @@ from cascade.stages.features import (
     shared_negative_softmax,
     subsample,
 )
-from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
+from cascade.stages.learned import LearnedStage
+from cascade.stages.training import TrainConfig, fit_model, sampled_mrr
+from cascade.util.ranking import ndcg, ranks_from_scores
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,9 +95,6 @@ class LSRConfig:
     # `valid_candidates`, aligned with the full-catalogue reference) or "sampled_mrr"
     validation: str = "rerank_ndcg"
     valid_candidates: int = 100
-    # the validation leaves each request's seen items out; `cascade run` sets this to the
-    # run's exclude_seen (off on logs with many repeats), as for retrieval
-    exclude_seen: bool = True
     valid_requests: int = 2000
     score_chunk: int = 512  # candidates scored per request at a time in score / score_all
     # validation NDCG is noisy on ml-100k-sized logs: patience 2 stopped some seeds at epoch 5
@@ -115,8 +115,6 @@ class LSRConfig:
                 raise ValueError(f"LSRConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"LSRConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if not isinstance(self.exclude_seen, bool):
-            raise ValueError(f"LSRConfig.exclude_seen must be true or false, got {self.exclude_seen!r}")
         if self.validation not in ("rerank_ndcg", "sampled_mrr"):
             raise ValueError(
                 f"LSRConfig.validation must be 'rerank_ndcg' or 'sampled_mrr', got {self.validation!r}"
@@ -302,28 +300,22 @@ class Encoded:
         return Encoded(state, self.user[rows], self.hist_items[rows], self.hist_actions[rows])
 
 
-
 @register("lsr", "lsr")
-class LateStageRanker:
+class LateStageRanker(LearnedStage):
     """Target-aware attention + DCN-v2 late-stage ranker (see the module docstring)."""
 
     name = "lsr"
+    kind = "lsr"
     config_class = LSRConfig
+    serving_fields = ("score_chunk",)
+    cache_name = "lsr"
+    candidate_independent = True  # the target mask: candidates never see each other
 
-    def __init__(self, config: LSRConfig | None = None) -> None:
-        self.config = config or LSRConfig()
-        if not isinstance(self.config, LSRConfig):
-            raise ValueError(f"config must be an LSRConfig, got {type(self.config).__name__}")
-        self.model: LSRModel | None = None
-        self.report: dict = {}
-        self.device = torch.device("cpu")
+    def build_model(self, ctx: FitContext) -> LSRModel:
+        return LSRModel(ctx, self.config)
 
-    def fit(self, ctx: FitContext) -> "LateStageRanker":
+    def train_model(self, model: LSRModel, ctx: FitContext) -> dict:
         cfg = self.config
-        self.device = ctx.device
-        torch.manual_seed(ctx.seed)  # the initial weights depend on the seed only, not on what ran before
-        model = LSRModel(ctx, cfg).to(ctx.device)
-        self.model = model
         n_items = ctx.dataset.n_items
         counts = np.bincount(ctx.train.targets[:, 0], minlength=n_items)
         sampler = NegativeSampler(counts, pop_frac=cfg.pop_negatives, device=ctx.device)
@@ -373,98 +365,85 @@ class LateStageRanker:
 
         def valid_fn() -> float:
             if cfg.validation == "sampled_mrr":
-                return sampled_mrr(self._score_model, valid, ctx.device, seed=ctx.seed)
-            return self._rerank_ndcg(valid, cfg.valid_candidates)
+                return sampled_mrr(
+                    lambda b, c: model(recent_history(b, model.width), c), valid, ctx.device,
+                    seed=ctx.seed,
+                )
+            return rerank_ndcg(model, valid, cfg.valid_candidates, ctx.exclude_seen, ctx.device)
 
-        def train() -> dict:
-            return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="lsr", train=windows)
-
-        self.report = cached_fit(model, stage="lsr", config=cfg, ctx=ctx, train=train,
-                                 serving=("score_chunk",))
-        model.eval()
-        return self
-
-    @torch.no_grad()
-    def _rerank_ndcg(self, traffic, n_candidates: int) -> float:
-        """NDCG@10 of the full model re-ranking the generative head's top `n_candidates` items
-        (a miss when the target is not among them): a cheap stand-in for the full-catalogue
-        NDCG@10 the LSR is judged on, at n_candidates scores per request. With `exclude_seen`
-        (set by the run, like retrieval's) the request's whole history is left out, as the run's
-        reference does. Ranks and NDCG are `cascade.metrics`' (ties count against the target)."""
-        from cascade.metrics import ndcg, ranks_from_scores
-
-        model = self._check_fitted()
-        n_items = model.items.n_items
-        keys = torch.cat(
-            [
-                model.next_key(model.items(torch.arange(s, min(s + 65536, n_items), device=self.device)))
-                for s in range(0, n_items, 65536)
-            ]
-        )  # (n_items, D)
-        per_request = []
-        for batch in traffic.batches(256):
-            batch = batch.to(self.device)
-            short = recent_history(batch, model.width)  # what the encoder sees
-            enc = model.encode(short)
-            query = model.next_query(newest_output(enc.state.output, short.hist_len) + enc.user)
-            head = query @ keys.T
-            if self.config.exclude_seen:
-                exclude_history_(head, batch)
-            top = head.topk(min(n_candidates, n_items), dim=1)
-            # a request with fewer unseen items than n_candidates gets some seen ones (-inf):
-            # they never outrank the target, and a seen target is a miss
-            scores = model.score_with(enc, top.indices).masked_fill(~torch.isfinite(top.values), -math.inf)
-            is_t = top.indices == batch.targets[:, :1]
-            col = torch.where(is_t.any(1), is_t.float().argmax(1), -1)  # -1: not among them
-            ranks = ranks_from_scores(scores.cpu().numpy(), col[:, None].cpu().numpy())  # (B, 1)
-            per_request.append(ndcg(ranks, k=10))
-        return float(np.concatenate(per_request).mean()) if per_request else 0.0
-
-    def _score_model(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
-        assert self.model is not None
-        return self.model(recent_history(batch, self.model.width), candidates)
-
-    def _check_fitted(self) -> LSRModel:
-        if self.model is None:
-            raise StageError(f"lsr stage {self.name!r} is used before fit()")
-        self.model.eval()
-        return self.model
+        return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="lsr", train=windows)
 
     @torch.no_grad()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """candidates (B, K) int64 -> (B, K) float32; the history is encoded once per request and
         the candidates scored against it in chunks of `score_chunk`."""
-        model = self._check_fitted()
-        batch = recent_history(batch.to(self.device), model.width)
-        c = candidates.to(self.device)
+        model = self.fitted_model()
+        batch = recent_history(batch.to(self.device_), model.width)
+        c = candidates.to(self.device_)
         enc = model.encode(batch)
-        safe = c.clamp_min(0)
         step = self.config.score_chunk
         out = torch.cat(
-            [model.score_with(enc, safe[:, s : s + step]) for s in range(0, c.shape[1], step)],
+            [model.score_with(enc, c[:, s : s + step]) for s in range(0, c.shape[1], step)],
             dim=1,
         )
-        return out.masked_fill(c < 0, PAD_SCORE).float()
+        return out.float()
 
     @torch.no_grad()
     def score_all(self, batch: RequestBatch, chunk: int | None = None) -> Tensor:
         """(B, n_items) float32 scores of every item (the full-catalogue reference)."""
-        model = self._check_fitted()
+        model = self.fitted_model()
         step = chunk or self.config.score_chunk
         if step < 1:
             raise ValueError(f"score_all: chunk must be >= 1, got {step}")
-        batch = recent_history(batch.to(self.device), model.width)
+        batch = recent_history(batch.to(self.device_), model.width)
         enc = model.encode(batch)
         n = model.items.n_items
         parts = []
         for s in range(0, n, step):
-            ids = torch.arange(s, min(s + step, n), device=self.device)
+            ids = torch.arange(s, min(s + step, n), device=self.device_)
             parts.append(model.score_with(enc, ids[None, :].expand(len(batch), -1)))
         return torch.cat(parts, dim=1).float()
 
     @torch.no_grad()
     def score_naive(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """Reference scoring through `forward_naive` (one sequence per candidate); tests only."""
-        model = self._check_fitted()
-        batch = recent_history(batch.to(self.device), model.width)
-        return model.forward_naive(batch, candidates.to(self.device)).float()
+        model = self.fitted_model()
+        batch = recent_history(batch.to(self.device_), model.width)
+        return model.forward_naive(batch, candidates.to(self.device_)).float()
+
+
+@torch.no_grad()
+def rerank_ndcg(
+    model: LSRModel, traffic, n_candidates: int, exclude_seen: bool, device: torch.device
+) -> float:
+    """NDCG@10 of the full model re-ranking the generative head's top `n_candidates` items (a
+    miss when the target is not among them): a cheap stand-in for the full-catalogue NDCG@10 the
+    LSR is judged on, at n_candidates scores per request. With `exclude_seen` (the run's, as for
+    retrieval) the request's whole history is left out, as the run's reference does. Ranks and
+    NDCG are `cascade.util.ranking`'s, as the run's metrics (ties count against the target)."""
+    model.eval()
+    n_items = model.items.n_items
+    keys = torch.cat(
+        [
+            model.next_key(model.items(torch.arange(s, min(s + 65536, n_items), device=device)))
+            for s in range(0, n_items, 65536)
+        ]
+    )  # (n_items, D)
+    per_request = []
+    for batch in traffic.batches(256):
+        batch = batch.to(device)
+        short = recent_history(batch, model.width)  # what the encoder sees
+        enc = model.encode(short)
+        query = model.next_query(newest_output(enc.state.output, short.hist_len) + enc.user)
+        head = query @ keys.T
+        if exclude_seen:
+            exclude_history_(head, batch)
+        top = head.topk(min(n_candidates, n_items), dim=1)
+        # a request with fewer unseen items than n_candidates gets some seen ones (-inf):
+        # they never outrank the target, and a seen target is a miss
+        scores = model.score_with(enc, top.indices).masked_fill(~torch.isfinite(top.values), -math.inf)
+        is_t = top.indices == batch.targets[:, :1]
+        col = torch.where(is_t.any(1), is_t.float().argmax(1), -1)  # -1: not among them
+        ranks = ranks_from_scores(scores.cpu().numpy(), col[:, None].cpu().numpy())  # (B, 1)
+        per_request.append(ndcg(ranks, k=10))
+    return float(np.concatenate(per_request).mean()) if per_request else 0.0

@@ -13,12 +13,13 @@ carries a ground truth (synthetic data) and keeps it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from cascade.data.traffic import RequestBatch
-from cascade.stages.base import FitContext, StageError, register
-from cascade.stages.twotower import PAD_SCORE
 from torch import Tensor
+
+from cascade.data.traffic import RequestBatch
+from cascade.stages.base import FitContext, StageError, check_fitted, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,15 +56,18 @@ class OracleRanker:
     """Scores candidates with the synthetic ground-truth affinity (dot + cross by default)."""
 
     name = "oracle"
+    kind: ClassVar[str] = "ranker"
     config_class = OracleConfig
+    candidate_independent: ClassVar[bool] = True  # the affinity of each (request, item) pair
+
+    truth_ = None  # the dataset's GroundTruth
+    fit_report_: dict[str, Any] | None = None
+    device_: torch.device | None = None
 
     def __init__(self, config: OracleConfig | None = None) -> None:
         self.config = config or self.config_class()
         if not isinstance(self.config, OracleConfig):
             raise ValueError(f"config must be an OracleConfig, got {type(self.config).__name__}")
-        self.truth = None
-        self.device = torch.device("cpu")
-        self.report: dict = {}
 
     def fit(self, ctx: FitContext) -> OracleRanker:
         truth = getattr(ctx.dataset, "truth", None)
@@ -79,20 +83,17 @@ class OracleRanker:
                 f"stage {self.name!r}: the dataset's ground truth covers {n_truth} items but the "
                 f"dataset has {ctx.dataset.n_items} (was the dataset filtered after generation?)"
             )
-        self.truth = truth
-        self.device = ctx.device
-        self.report = {"cached": False, "seconds": 0.0, "parts": list(self.config.parts)}
+        self.truth_ = truth
+        self.device_ = ctx.device
+        self.fit_report_ = {"cached": False, "seconds": 0.0, "parts": list(self.config.parts)}
         return self
 
     @torch.no_grad()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
-        """candidates (B, K) int64 -> (B, K) float32 ground-truth affinity (-1 pads score
-        PAD_SCORE)."""
-        if self.truth is None:
-            raise StageError(f"stage {self.name!r} is used before fit()")
-        c = candidates.to(self.device)
-        s = self.truth.affinity(batch, c.clamp_min(0), parts=self.config.parts)
-        return s.masked_fill(c < 0, PAD_SCORE).float()
+        """candidates (B, K) int64 -> (B, K) float32 ground-truth affinity."""
+        check_fitted(self, self.kind, "truth_")
+        c = candidates.to(self.device_)
+        return self.truth_.affinity(batch, c, parts=self.config.parts).float()
 
 
 @register("esr", "oracle-dot")

@@ -25,13 +25,15 @@ user encoder (Kang & McAuley, ICDM 2018):
   (f_j = its empirical frequency as a training target): the logQ correction for in-batch
   sampling, made exact for the mixture with uniform sampling.
 - serving: item vectors are computed once after fitting (or loading the cached checkpoint) and
-  added to `faiss.index_factory(dim, config.index, METRIC_INNER_PRODUCT)` (trained first when the
-  index needs it, e.g. IVF). `retrieve` searches all requests of a batch in one call,
-  over-fetching by the history width so that, with `exclude_seen`, dropping history items still
-  leaves k. Rows the index cannot fill (an IVF probing too few lists) are answered by an exact
+  added to `faiss.index_factory(dim, index, METRIC_INNER_PRODUCT)` (trained first when the index
+  needs it, e.g. IVF), `index` being the run's (`FitContext.index`) or else the config's.
+  `retrieve` searches all requests of a batch in one call, over-fetching by the history width so
+  that, when the run excludes seen items (`FitContext.exclude_seen`), dropping history items
+  still leaves k. Rows the index cannot fill (an IVF probing too few lists) are answered by an exact
   search over the cached item vectors, so `retrieve` returns exactly k ids per request; only when
   fewer than k unseen items exist at all are the last columns -1 (score -inf).
-- early stopping: full-catalogue recall@`valid_k` on validation requests (exact matmul top-k).
+- early stopping: full-catalogue recall@`valid_k` on validation requests (exact matmul top-k,
+  seen items excluded as the run excludes them).
 - caching: the checkpoint key leaves out the serving-only fields (index, nprobe, ef_search), so
   trying another index reuses the trained towers and only rebuilds the FAISS index.
 """
@@ -49,7 +51,6 @@ from torch import Tensor, nn
 from cascade.data.traffic import RequestBatch, Traffic
 from cascade.stages.base import Candidates, FitContext, StageError, register
 from cascade.stages.features import (
-    PAD_SCORE,
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
     UserFeatureEmbedder,
@@ -59,9 +60,9 @@ from cascade.stages.features import (
     shared_negative_softmax,
     subsample,
 )
-from cascade.stages.training import TrainConfig, cached_fit, fit_model
+from cascade.stages.learned import LearnedStage
+from cascade.stages.training import TrainConfig, fit_model
 
-SERVING_FIELDS = ("index", "nprobe", "ef_search")  # not part of the checkpoint's cache key
 INDEX_EXAMPLES = ("Flat", "IVF64,Flat", "IVF256,PQ16", "HNSW32", "PCA32,Flat")
 
 
@@ -88,10 +89,11 @@ class RetrievalConfig:
     n_heads: int = 2
     dropout: float = 0.1
     max_len: int | None = None  # use at most this many recent history events (None: all given)
-    index: str = "Flat"  # faiss.index_factory string: "Flat", "IVF64,Flat", "HNSW32", ...
+    # faiss.index_factory string: "Flat", "IVF64,Flat", "HNSW32", ...; the run's index
+    # (FitContext.index) overrides it
+    index: str = "Flat"
     nprobe: int = 16  # IVF indexes: lists probed per query
     ef_search: int = 128  # HNSW indexes: search breadth
-    exclude_seen: bool = True  # drop items already in the request's history
     in_batch_negatives: int = 512  # negatives drawn from the batch's positives
     n_uniform_negatives: int = 512
     temperature: float = 0.07
@@ -256,29 +258,25 @@ def search_with_exclusion(
 
 
 @register("retrieval", "twotower")
-class TwoTowerRetriever:
+class TwoTowerRetriever(LearnedStage):
     """Sequence-aware two-tower retrieval with a FAISS index (see the module docstring)."""
 
     name = "twotower"
+    kind = "retrieval"
     config_class = RetrievalConfig
+    serving_fields = ("index", "nprobe", "ef_search")
+    candidate_independent = True  # `score`: one dot product per candidate
 
-    def __init__(self, config: RetrievalConfig | None = None) -> None:
-        self.config = config or RetrievalConfig()
-        if not isinstance(self.config, RetrievalConfig):
-            raise ValueError(f"config must be a RetrievalConfig, got {type(self.config).__name__}")
-        self.model: RetrievalModel | None = None
-        self.index = None
-        self.item_vecs: Tensor | None = None  # (n_items, D) on the device
-        self.report: dict = {}
-        self.device = torch.device("cpu")
+    index_ = None  # the FAISS index over item_vecs_
+    item_vecs_: Tensor | None = None  # (n_items, D) on the device
+    exclude_seen_: bool | None = None  # the run's: retrieve drops history items
 
     # -- training ---------------------------------------------------------------------------
-    def fit(self, ctx: FitContext) -> "TwoTowerRetriever":
+    def build_model(self, ctx: FitContext) -> RetrievalModel:
+        return RetrievalModel(ctx, self.config)
+
+    def train_model(self, model: RetrievalModel, ctx: FitContext) -> dict:
         cfg = self.config
-        self.device = ctx.device
-        torch.manual_seed(ctx.seed)  # the initial weights depend on the seed only, not on what ran before
-        model = RetrievalModel(ctx, cfg).to(ctx.device)
-        self.model = model
         n_items = ctx.dataset.n_items
         freq = np.bincount(ctx.train.targets[:, 0], minlength=n_items).astype(np.float64)
         freq = torch.as_tensor(freq / max(freq.sum(), 1.0), dtype=torch.float32, device=ctx.device)
@@ -308,99 +306,93 @@ class TwoTowerRetriever:
         valid_k = min(cfg.valid_k, max(10, n_items // 20))
 
         def valid_fn() -> float:
-            return self._recall(valid, valid_k)
+            return recall(model, valid, valid_k, ctx.exclude_seen, ctx.device)
 
-        def train() -> dict:
-            return fit_model(
-                model, loss_fn, valid_fn, ctx, cfg.train, desc="retrieval twotower", train=windows
-            )
-
-        # serving-only fields do not change the trained weights: switching the index reuses them
-        self.report = cached_fit(
-            model, stage="retrieval-twotower", config=cfg, ctx=ctx, train=train, serving=SERVING_FIELDS
+        return fit_model(
+            model, loss_fn, valid_fn, ctx, cfg.train, desc="retrieval twotower", train=windows
         )
-        model.eval()
-        self._build_index()
-        return self
 
-    @torch.no_grad()
-    def _recall(self, traffic: Traffic, k: int) -> float:
-        """Full-catalogue recall@k of the first target (exact matmul, seen items excluded)."""
-        assert self.model is not None
-        self.model.eval()
-        item_vecs = self.model.all_items()
-        chunk = max(1, min(1024, (1 << 25) // max(item_vecs.shape[0], 1)))
-        hits, count = 0.0, 0
-        for batch in traffic.batches(chunk):
-            batch = batch.to(self.device)
-            ids, _ = exact_top_k(self.model.user(batch), item_vecs, batch, k, self.config.exclude_seen)
-            hits += float((ids == batch.targets[:, :1]).any(1).sum())
-            count += len(batch)
-        return hits / max(count, 1)
-
-    def _build_index(self) -> None:
-        import faiss
-
-        assert self.model is not None
-        cfg = self.config
-        self.item_vecs = self.model.all_items()
-        vecs = np.ascontiguousarray(self.item_vecs.float().cpu().numpy())
-        index = faiss.index_factory(cfg.dim, cfg.index, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
+    def prepare_serving(self, model: RetrievalModel, ctx: FitContext) -> None:
+        spec = self.config.index if ctx.index is None else ctx.index
+        if ctx.index is not None:
             try:
-                index.train(vecs)
-            except RuntimeError as e:
-                msg = str(e).strip().splitlines()[-1]
-                raise StageError(
-                    f"retrieval index {cfg.index!r} cannot be trained on {len(vecs)} item vectors "
-                    f"({msg}); choose fewer IVF lists or 'Flat'"
-                ) from None
-        index.add(vecs)
-        params = faiss.ParameterSpace()
-        if faiss.try_extract_index_ivf(index) is not None:
-            params.set_index_parameter(index, "nprobe", cfg.nprobe)
-        if "HNSW" in cfg.index:
-            params.set_index_parameter(index, "efSearch", max(cfg.ef_search, 1))
-        self.index = index
+                validate_index_spec(spec, self.config.dim)
+            except ValueError as e:
+                raise StageError(f"retrieval stage {self.name!r}: {e}") from None
+        self.item_vecs_ = model.all_items()
+        self.index_ = build_index(self.item_vecs_, spec, self.config)
+        self.exclude_seen_ = ctx.exclude_seen
 
     # -- serving ----------------------------------------------------------------------------
-    def _check_fitted(self) -> RetrievalModel:
-        if self.model is None or self.index is None:
-            raise StageError(f"retrieval stage {self.name!r} is used before fit()")
-        return self.model
-
     @torch.no_grad()
     def user_vectors(self, batch: RequestBatch) -> Tensor:
-        model = self._check_fitted()
-        model.eval()
-        return model.user(batch.to(self.device))
+        return self.fitted_model().user(batch.to(self.device_))
 
     @torch.no_grad()
     def retrieve(self, batch: RequestBatch, k: int) -> Candidates:
         """(B,) requests -> exactly k candidate ids per request, best first (see module doc)."""
         if k < 1:
             raise ValueError(f"retrieve: k must be >= 1, got {k}")
-        batch = batch.to(self.device)
-        u = self.user_vectors(batch)
-        assert self.item_vecs is not None
+        model = self.fitted_model()
+        batch = batch.to(self.device_)
+        u = model.user(batch)
 
         def search(user_vecs: Tensor, m: int) -> tuple[Tensor, Tensor]:
             q = np.ascontiguousarray(user_vecs.float().cpu().numpy())
-            scores, ids = self.index.search(q, m)
+            scores, ids = self.index_.search(q, m)
             return (
-                torch.from_numpy(ids).to(self.device),
-                torch.from_numpy(scores).to(self.device),
+                torch.from_numpy(ids).to(self.device_),
+                torch.from_numpy(scores).to(self.device_),
             )
 
-        return search_with_exclusion(search, u, self.item_vecs, batch, k, self.config.exclude_seen)
+        return search_with_exclusion(search, u, self.item_vecs_, batch, k, self.exclude_seen_)
 
     @torch.no_grad()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """Inner products of the two towers for given candidates: (B, K) -> (B, K) float32."""
-        self._check_fitted()
-        assert self.item_vecs is not None
         u = self.user_vectors(batch)
-        c = candidates.to(self.device)
-        v = self.item_vecs[c.clamp_min(0)]  # (B, K, D)
-        s = torch.einsum("bd,bkd->bk", u, v)
-        return s.masked_fill(c < 0, PAD_SCORE).float()
+        v = self.item_vecs_[candidates.to(self.device_)]  # (B, K, D)
+        return torch.einsum("bd,bkd->bk", u, v).float()
+
+
+@torch.no_grad()
+def recall(
+    model: RetrievalModel, traffic: Traffic, k: int, exclude_seen: bool, device: torch.device
+) -> float:
+    """Full-catalogue recall@k of the first target (exact matmul; seen items excluded when the
+    run excludes them)."""
+    model.eval()
+    item_vecs = model.all_items()
+    chunk = max(1, min(1024, (1 << 25) // max(item_vecs.shape[0], 1)))
+    hits, count = 0.0, 0
+    for batch in traffic.batches(chunk):
+        batch = batch.to(device)
+        ids, _ = exact_top_k(model.user(batch), item_vecs, batch, k, exclude_seen)
+        hits += float((ids == batch.targets[:, :1]).any(1).sum())
+        count += len(batch)
+    return hits / max(count, 1)
+
+
+def build_index(item_vecs: Tensor, spec: str, cfg: RetrievalConfig):
+    """`faiss.index_factory(dim, spec)` over `item_vecs` (n_items, D), trained when the index
+    needs it, with `cfg`'s search parameters (nprobe, efSearch)."""
+    import faiss
+
+    vecs = np.ascontiguousarray(item_vecs.float().cpu().numpy())
+    index = faiss.index_factory(vecs.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        try:
+            index.train(vecs)
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[-1]
+            raise StageError(
+                f"retrieval index {spec!r} cannot be trained on {len(vecs)} item vectors "
+                f"({msg}); choose fewer IVF lists or 'Flat'"
+            ) from None
+    index.add(vecs)
+    params = faiss.ParameterSpace()
+    if faiss.try_extract_index_ivf(index) is not None:
+        params.set_index_parameter(index, "nprobe", cfg.nprobe)
+    if "HNSW" in spec:
+        params.set_index_parameter(index, "efSearch", max(cfg.ef_search, 1))
+    return index

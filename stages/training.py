@@ -6,8 +6,9 @@ progress bar, early stopping on the validation split and the checkpoints. A stag
 - `valid_fn() -> float`, higher is better (e.g. `sampled_mrr` or full-catalogue recall).
 
 Checkpoints are cached by (stage name, stage config, dataset fingerprint, split, seed, history
-length): a state dict saved with `torch.save` plus a JSON of the config and training report,
-loaded with `weights_only=True`, both written atomically (temporary file, then rename).
+length, the run's exclude_seen): a state dict saved with `torch.save` plus a JSON of the config
+and training report, loaded with `weights_only=True`, both written atomically
+(`cascade.util.fsio`: temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import io
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from cascade.data.traffic import RequestBatch, Traffic
-from cascade.records import FILE_MODE
 from cascade.stages.base import FitContext
+from cascade.util.fsio import atomic_write_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,26 +62,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename, so a
-    crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    import io
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -108,6 +89,8 @@ def cache_key(stage: str, config: Any, ctx: FitContext) -> str:
             "split": ctx.split.key(),
             "seed": ctx.seed,
             "max_len": ctx.train.max_len,
+            # validation (early stopping) hides seen items when the run does
+            "exclude_seen": ctx.exclude_seen,
         },
         sort_keys=True,
     )
@@ -221,14 +204,6 @@ def fit_model(
         "seconds": time.perf_counter() - t0,
         "history": history,
     }
-
-
-def sample_negatives(
-    n_rows: int, n_neg: int, n_items: int, gen: torch.Generator, device: torch.device
-) -> Tensor:
-    """(n_rows, n_neg) int64 uniform random item ids (may hit the positive; callers that care
-    mask it)."""
-    return torch.randint(0, n_items, (n_rows, n_neg), generator=gen).to(device)
 
 
 @torch.no_grad()

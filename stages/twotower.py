@@ -25,19 +25,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade.data.traffic import RequestBatch
-from cascade.stages.base import FitContext, StageError, register
+from cascade.stages.base import FitContext, register
 from cascade.stages.features import (
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
-    PAD_SCORE,
     NegativeSampler,
     UserFeatureEmbedder,
     masked_mean,
     recent_history,
     subsample,
 )
-from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
-
+from cascade.stages.learned import LearnedStage
+from cascade.stages.training import TrainConfig, fit_model, sampled_mrr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,27 +125,21 @@ class TwoTowerModel(nn.Module):
 
 
 @register("esr", "twotower")
-class TwoTowerESR:
+class TwoTowerESR(LearnedStage):
     """Two-tower ESR with cached item vectors (see the module docstring)."""
 
     name = "twotower"
+    kind = "esr"
     config_class = TwoTowerConfig
+    candidate_independent = True  # towers meet only in the final dot product
 
-    def __init__(self, config: TwoTowerConfig | None = None) -> None:
-        self.config = config or TwoTowerConfig()
-        if not isinstance(self.config, TwoTowerConfig):
-            raise ValueError(f"config must be a TwoTowerConfig, got {type(self.config).__name__}")
-        self.model: TwoTowerModel | None = None
-        self.item_vecs: Tensor | None = None  # (n_items, D + 1) on the device
-        self.report: dict = {}
-        self.device = torch.device("cpu")
+    item_vecs_: Tensor | None = None  # (n_items, D + 1) on the device
 
-    def fit(self, ctx: FitContext) -> "TwoTowerESR":
+    def build_model(self, ctx: FitContext) -> TwoTowerModel:
+        return TwoTowerModel(ctx, self.config)
+
+    def train_model(self, model: TwoTowerModel, ctx: FitContext) -> dict:
         cfg = self.config
-        self.device = ctx.device
-        torch.manual_seed(ctx.seed)  # the initial weights depend on the seed only, not on what ran before
-        model = TwoTowerModel(ctx, cfg).to(ctx.device)
-        self.model = model
         counts = np.bincount(ctx.train.targets[:, 0], minlength=ctx.dataset.n_items)
         sampler = NegativeSampler(counts, pop_frac=cfg.pop_negatives, device=ctx.device)
         valid = subsample(ctx.valid, cfg.valid_requests)
@@ -164,22 +157,16 @@ class TwoTowerESR:
         def valid_fn() -> float:
             return sampled_mrr(model, valid, ctx.device, seed=ctx.seed)
 
-        def train() -> dict:
-            return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="esr twotower")
+        return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="esr twotower")
 
-        self.report = cached_fit(model, stage="esr-twotower", config=cfg, ctx=ctx, train=train)
-        model.eval()
-        self.item_vecs = model.all_items()
-        return self
+    def prepare_serving(self, model: TwoTowerModel, ctx: FitContext) -> None:
+        self.item_vecs_ = model.all_items()
 
     @torch.no_grad()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """candidates (B, K) int64 -> (B, K) float32: one gather of cached item vectors and a
-        batched dot product. A -1 (padding) candidate scores PAD_SCORE."""
-        if self.model is None or self.item_vecs is None:
-            raise StageError(f"esr stage {self.name!r} is used before fit()")
-        self.model.eval()
-        batch = batch.to(self.device)
-        c = candidates.to(self.device)
-        s = self.model.combine(self.model.user(batch), self.item_vecs[c.clamp_min(0)])
-        return s.masked_fill(c < 0, PAD_SCORE).float()
+        batched dot product."""
+        model = self.fitted_model()
+        batch = batch.to(self.device_)
+        c = candidates.to(self.device_)
+        return model.combine(model.user(batch), self.item_vecs_[c]).float()

@@ -2,9 +2,10 @@
 
 They exercise the Pipeline, replay, metrics and run records without the heavy built-in stages:
 - `CoocRetriever`: item-to-next-item transition counts over the training histories (classic
-  item-based retrieval), seen items excluded when configured;
-- `MFRanker`: a learned ranker (mean-pooled history embedding . item embedding + item bias)
-  trained with `fit_model` inside `cached_fit`, so caching is exercised for real;
+  item-based retrieval), seen items excluded when the run excludes them (`ctx.exclude_seen`);
+- `MFRanker`: a learned ranker (mean-pooled history embedding . item embedding + item bias) on
+  `cascade.stages.learned.LearnedStage`, trained with `fit_model` inside the checkpoint cache,
+  so caching is exercised for real: what a plugin author writes for a learned stage;
 - `PopRanker`: training popularity;
 - misbehaving rankers (wrong shape, NaN) and a class without `score` for the boundary checks.
 They are loaded the way users load their own stages: `funnel_toys:CoocRetriever`.
@@ -18,10 +19,12 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from cascade.data.dataset import Dataset, FeatureTable, finalize_events
 from cascade.stages.base import Candidates
-from cascade.stages.training import TrainConfig, cached_fit, fit_model, sampled_mrr
-from torch import nn
+from cascade.stages.learned import LearnedStage
+from cascade.stages.training import TrainConfig, fit_model, sampled_mrr
 
 
 def planted_dataset(n_users: int = 150, n_items: int = 240, length: int = 30, seed: int = 0) -> Dataset:
@@ -71,23 +74,8 @@ def planted_dataset(n_users: int = 150, n_items: int = 240, length: int = 30, se
     )
 
 
-@dataclass(frozen=True, kw_only=True)
-class CoocConfig:
-    exclude_seen: bool = True
-    index: str = "Flat"  # accepted so run-level --index reaches it; brute force either way
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.exclude_seen, bool):
-            raise ValueError(f"CoocConfig.exclude_seen must be a bool, got {self.exclude_seen!r}")
-
-
 class CoocRetriever:
     name = "cooc"
-    config_class = CoocConfig
-
-    def __init__(self, config: CoocConfig | None = None) -> None:
-        self.config = config or CoocConfig()
-        self.report = {}
 
     def fit(self, ctx):
         ev = ctx.split.train
@@ -100,7 +88,8 @@ class CoocRetriever:
         pop = np.bincount(it, minlength=n).astype(np.float32)
         self.co = torch.from_numpy(co).to(ctx.device)
         self.prior = torch.from_numpy(1e-3 * pop / max(pop.max(), 1.0)).to(ctx.device)
-        self.report = {"cached": False}
+        self.exclude_seen_ = ctx.exclude_seen
+        self.fit_report_ = {"cached": False}
         return self
 
     def retrieve(self, batch, k):
@@ -110,7 +99,7 @@ class CoocRetriever:
         recent = torch.arange(h.shape[1], device=h.device)[None, :] == last[:, None]
         w = w * (1.0 + 4.0 * recent.float())  # the newest event matters most
         scores = (self.co[h] * w[..., None]).sum(1) + self.prior  # (B, n_items)
-        if self.config.exclude_seen:
+        if self.exclude_seen_:
             rows = torch.arange(len(batch), device=h.device)[:, None].expand_as(h)
             m = batch.hist_mask
             scores[rows[m], h[m]] = float("-inf")
@@ -153,19 +142,17 @@ class MFConfig:
             raise ValueError(f"MFConfig.dim must be >= 1, got {self.dim}")
 
 
-class MFRanker:
+class MFRanker(LearnedStage):
     name = "mf"
+    kind = "ranker"
     config_class = MFConfig
+    cache_name = "test-mf"
 
-    def __init__(self, config: MFConfig | None = None) -> None:
-        self.config = config or MFConfig()
-        self.report = {}
+    def build_model(self, ctx):
+        return _MF(ctx.dataset.n_items, self.config.dim)
 
-    def fit(self, ctx):
-        cfg = self.config
-        n = ctx.dataset.n_items
-        self.model = _MF(n, cfg.dim).to(ctx.device)
-        model = self.model
+    def train_model(self, model, ctx):
+        cfg, n = self.config, ctx.dataset.n_items
 
         def loss_fn(batch, gen):
             pos = batch.targets[:, :1]
@@ -176,16 +163,11 @@ class MFRanker:
         def valid_fn():
             return sampled_mrr(model, ctx.valid, ctx.device, n_negatives=50)
 
-        def train():
-            return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="test mf")
-
-        self.report = cached_fit(model, stage="test-mf", config=cfg, ctx=ctx, train=train)
-        model.eval()
-        return self
+        return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="test mf")
 
     @torch.no_grad()
     def score(self, batch, candidates):
-        return self.model(batch, candidates).float()
+        return self.fitted_model()(batch.to(self.device_), candidates.to(self.device_)).float()
 
 
 class PopRanker:
@@ -223,28 +205,11 @@ class NoScore:
         return self
 
 
-def builtin_stage_specs(epochs: int = 1, steps: int = 30) -> dict | None:
+def builtin_stage_specs(epochs: int = 1, steps: int = 30) -> dict:
     """TOML-ready stage tables for the built-in funnel (retrieval twotower, ESR gesr vs twotower,
-    LSR lsr; popular stands in for a missing ESR), each trained briefly; None while the
-    built-in two-tower ESR or LSR is not there."""
-    import dataclasses as dc
+    LSR lsr), each trained briefly."""
+    def brief(stage: str) -> dict:
+        return {"stage": stage, "config": {"train": {"epochs": epochs, "max_steps_per_epoch": steps}}}
 
-    from cascade.stages.base import known_stages, resolve_stage_class
-
-    have = {k: known_stages(k) for k in ("retrieval", "esr", "lsr")}
-    if "twotower" not in have["retrieval"] or "twotower" not in have["esr"] or "lsr" not in have["lsr"]:
-        return None
-
-    def spec(kind: str, stage: str) -> dict:
-        cc = getattr(resolve_stage_class(kind, stage), "config_class", None)
-        names = {f.name for f in dc.fields(cc)} if cc and dc.is_dataclass(cc) else set()
-        train = {"epochs": epochs, "max_steps_per_epoch": steps}
-        return {"stage": stage, **({"config": {"train": train}} if "train" in names else {})}
-
-    primary = "gesr" if "gesr" in have["esr"] else "twotower"
-    baseline = "twotower" if primary == "gesr" else ("popular" if "popular" in have["esr"] else None)
-    out = {"retrieval": spec("retrieval", "twotower"), "esr": spec("esr", primary),
-           "lsr": spec("lsr", "lsr")}
-    if baseline:
-        out["esr_baseline"] = spec("esr", baseline)
-    return out
+    return {"retrieval": brief("twotower"), "esr": brief("gesr"),
+            "esr_baseline": brief("twotower"), "lsr": brief("lsr")}

@@ -16,11 +16,11 @@ each overriding GESR's own defaults), so TOML tables map onto it directly.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from cascade.stages.training import TrainConfig
+from cascade.util.tables import from_table
 
 # HMA pairs (history feature vs candidate feature); "_pos" restricts the history to events
 # with a positive action (rating >= 4 on MovieLens), "_recent" to the `hma_recent` newest events.
@@ -33,29 +33,14 @@ IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "ref")
 NRO_QUERIES: tuple[str, ...] = ("item", "features")
 
 
-def _from_dict(cls: type, value: Any, owner: str, base: Any) -> Any:
-    """`value` as a `cls` instance: a dict overrides the fields of `base` (GESR's defaults, so
-    `train={"epochs": 2}` keeps GESR's other training settings); unknown keys are named."""
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ValueError(
-                f"{owner}: unknown key(s) {unknown}; allowed: {sorted(names)}"
-            )
-        return dataclasses.replace(base, **value)
-    raise ValueError(f"{owner} must be a {cls.__name__} or a dict, got {type(value).__name__}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class MoAConfig:
     """Which MoA modules run, and the MoA Config preprocessing (GESR.md)."""
 
     hma: bool = True  # Hard Matching Attention
     self_attn: bool = True  # target-aware self attention over [history ; candidates]
-    cross_attn: tuple[str, ...] = CROSS_KINDS  # any of "nro", "ro"; () or False = off
+    # any of "nro", "ro" (a list, or one name); true or "both" = both, false, () or "none" = off
+    cross_attn: tuple[str, ...] | bool | str = CROSS_KINDS
     mlpg: bool = True  # Multi-Logit Parameterized Gating; off = ungated concat -> one MLP
     history_len: int = 50  # time truncation: the most recent N events are used
     hma_pairs: tuple[str, ...] = HMA_PAIRS
@@ -179,11 +164,12 @@ class GESRConfig:
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
-        moa = _from_dict(MoAConfig, self.moa, "GESRConfig.moa", MoAConfig())
+        # a table overrides GESR's own defaults (train={"epochs": 2} keeps its other settings)
+        moa = from_table(MoAConfig, self.moa, "GESRConfig.moa", MoAConfig())
         object.__setattr__(self, "moa", moa)
-        train = _from_dict(TrainConfig, self.train, "GESRConfig.train", _default_train())
+        train = from_table(TrainConfig, self.train, "GESRConfig.train", _default_train())
         object.__setattr__(self, "train", train)
-        pre = _from_dict(TrainConfig, self.pretrain, "GESRConfig.pretrain", _default_pretrain())
+        pre = from_table(TrainConfig, self.pretrain, "GESRConfig.pretrain", _default_pretrain())
         object.__setattr__(self, "pretrain", pre)
         for name in ("dim", "hidden", "moa_dim", "n_heads", "cross_heads", "hma_dim",
                      "logit_hidden", "recent",

@@ -77,15 +77,10 @@ class MLPG(nn.Module):
         """(..., D) item tower outputs -> (..., K, d), once per item (cacheable)."""
         return self.gate_item(i).unflatten(-1, (len(self.names), self.dim))
 
-    def secondary(self, gu: Tensor, gi: Tensor, embs: dict[str, Tensor]) -> Tensor:
-        """gu (B, K, d), gi (B, n, K, d), embs name -> (B, n, d) -> (B, n, K) logits l_k."""
-        g = 2.0 * torch.sigmoid(gu[:, None] + gi)  # (B, n, K, d)
-        e = torch.stack([embs[k] for k in self.names], dim=-2)  # (B, n, K, d)
-        return self.mlps(g * e)
-
     def forward(self, l0: Tensor, gu: Tensor, gi: Tensor, embs: dict[str, Tensor]) -> Tensor:
-        """-> l (B, n) = l0 + sum_k beta_k l_k (the same as `secondary` @ beta, computed with
-        the gate's factor 2 folded into the first layers and beta into the last ones)."""
+        """gu (B, K, d), gi (B, n, K, d), embs name -> (B, n, d) -> l (B, n) = l0 + sum_k
+        beta_k l_k, with the gate's factor 2 folded into the first layers and beta into the last
+        ones (so the K logits l_k are never materialised)."""
         g = torch.sigmoid(gu[:, None] + gi)  # (B, n, K, d); g_k = 2 * this
         e = torch.stack([embs[k] for k in self.names], dim=-2)  # (B, n, K, d)
         return l0 + self.mlps.weighted_sum(g * e, self.beta, scale=2.0)

@@ -43,19 +43,17 @@ import torch
 from torch import Tensor
 
 from cascade.data.traffic import RequestBatch, Traffic
-from cascade.stages.base import FitContext, StageError, register
+from cascade.stages.base import FitContext, register
 from cascade.stages.gesr.config import GESRConfig
 from cascade.stages.gesr.model import GESRModel, bce_with_mask
 from cascade.stages.gesr.sampling import InterestSampler
 from cascade.stages.features import subsample
-from cascade.stages.training import cached_fit, fit_model, sampled_mrr
+from cascade.stages.learned import LearnedStage
+from cascade.stages.training import fit_model, sampled_mrr
 
 # part of the checkpoint cache key: bump when the network or its training changes, so a cached
 # checkpoint of an older GESR is never loaded into a newer one
 MODEL_VERSION = "v3"
-# config fields that only change how a trained model is served, not what is trained: left out
-# of the checkpoint cache key
-SERVING_ONLY = ("compile", "score_chunk_pairs")
 
 
 def pointwise_loss(
@@ -114,24 +112,17 @@ def normalized_entropy(
 
 
 @register("esr", "gesr")
-class GESRStage:
+class GESRStage(LearnedStage):
     """Generative Early Stage Ranker (see module docstring)."""
 
     name = "gesr"
+    kind = "esr"
     config_class = GESRConfig
+    serving_fields = ("compile", "score_chunk_pairs")
+    cache_name = f"esr-gesr-{MODEL_VERSION}"
+    candidate_independent = True  # the target mask: candidates never see each other
 
-    def __init__(self, config: GESRConfig | dict | None = None) -> None:
-        if config is None:
-            config = GESRConfig()
-        elif isinstance(config, dict):
-            config = GESRConfig(**config)
-        elif not isinstance(config, GESRConfig):
-            raise StageError(f"gesr: config must be a GESRConfig or a dict, got {type(config).__name__}")
-        self.config = config
-        self.model: GESRModel | None = None
-        self.report: dict = {}
-        self.device = torch.device("cpu")
-        self._compiled: Callable | None = None
+    _compiled: Callable | None = None  # the compiled scorer (compile=True), built on first use
 
     def _categories(self, ctx: FitContext) -> tuple[Tensor | None, int]:
         ds = ctx.dataset
@@ -147,13 +138,13 @@ class GESRStage:
         codes = pseudo_categories(ctx.split.train, ds.n_items, n_clusters=n_clusters, seed=ctx.seed)
         return torch.from_numpy(codes[:, None]), n_clusters + 1
 
-    def fit(self, ctx: FitContext) -> "GESRStage":
-        cfg = self.config
-        self.device = ctx.device
+    def build_model(self, ctx: FitContext) -> GESRModel:
         cats, n_cats = self._categories(ctx)
-        torch.manual_seed(ctx.seed)
-        model = GESRModel.from_dataset(ctx.dataset, cfg, item_categories=cats, n_categories=n_cats)
-        model.to(ctx.device)
+        return GESRModel.from_dataset(ctx.dataset, self.config, item_categories=cats,
+                                      n_categories=n_cats)
+
+    def train_model(self, model: GESRModel, ctx: FitContext) -> dict:
+        cfg = self.config
         counts = np.bincount(ctx.train.targets[:, 0], minlength=ctx.dataset.n_items)
         sampler = InterestSampler(
             counts, model.item_categories, model.n_categories, pop_frac=cfg.pop_negatives,
@@ -200,63 +191,57 @@ class GESRStage:
             with torch.no_grad():
                 model.global_bias.fill_(offset)
 
-        def train() -> dict:
-            init_offset()
-            report: dict = {}
-            has_moa = bool(cfg.moa.modules)
-            if cfg.pretrain_towers or not has_moa:
-                # phase 1: the towers alone, at the two-tower ESR's cost per step
-                pre = fit_model(model, tower_loss_fn, lambda: metric("_primary"),
-                                ctx, cfg.pretrain, desc="esr gesr towers")
-                report["pretrain"] = pre
-            if has_moa:  # phase 2: every module jointly, the towers included
-                report.update(fit_model(model, loss_fn, lambda: metric(""),
-                                        ctx, cfg.train, desc="esr gesr"))
-            else:
-                report.update(pre)
-            report.update(
-                normalized_entropy(
-                    model, valid, sampler, cfg.n_negatives, seed=ctx.seed + 1, device=ctx.device,
-                    logq=cfg.logq_correction,
-                )
+        init_offset()
+        report: dict = {}
+        has_moa = bool(cfg.moa.modules)
+        if cfg.pretrain_towers or not has_moa:
+            # phase 1: the towers alone, at the two-tower ESR's cost per step
+            pre = fit_model(model, tower_loss_fn, lambda: metric("_primary"),
+                            ctx, cfg.pretrain, desc="esr gesr towers")
+            report["pretrain"] = pre
+        if has_moa:  # phase 2: every module jointly, the towers included
+            report.update(fit_model(model, loss_fn, lambda: metric(""),
+                                    ctx, cfg.train, desc="esr gesr"))
+        else:
+            report.update(pre)
+        report.update(
+            normalized_entropy(
+                model, valid, sampler, cfg.n_negatives, seed=ctx.seed + 1, device=ctx.device,
+                logq=cfg.logq_correction,
             )
-            with torch.no_grad():
-                for which in ("", "_primary"):
-                    report[f"valid_sampled_mrr{which}"] = metric(which)
-            report["parameters"] = sum(p.numel() for p in model.parameters())
-            return report
+        )
+        with torch.no_grad():
+            for which in ("", "_primary"):
+                report[f"valid_sampled_mrr{which}"] = metric(which)
+        report["parameters"] = sum(p.numel() for p in model.parameters())
+        return report
 
-        self.report = cached_fit(model, stage=f"esr-gesr-{MODEL_VERSION}", config=cfg, ctx=ctx,
-                                 train=train, serving=SERVING_ONLY)
-        model.to(ctx.device).eval()
+    def prepare_serving(self, model: GESRModel, ctx: FitContext) -> None:
         model.cache_items()
-        self.model = model
         self._compiled = None  # a compiled scorer belongs to the model it was built for
-        return self
 
     @torch.inference_mode()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """candidates (B, K) int64 -> (B, K) float32: history encoded once per request, all
         candidates scored in one batched call against the catalogue cache."""
-        if self.model is None:
-            raise StageError("gesr: score() called before fit()")
+        model = self.fitted_model()
         b, n = candidates.shape
         step = max(1, self.config.score_chunk_pairs // max(n, 1))
+        scorer = self._scorer(model)
         if b <= step:
-            return self._scorer()(batch, candidates).float()
+            return scorer(batch, candidates).float()
         parts = []
         for lo in range(0, b, step):
             rows = torch.arange(lo, min(lo + step, b), device=candidates.device)
-            parts.append(self._scorer()(batch.select(rows), candidates[lo : lo + step]))
+            parts.append(scorer(batch.select(rows), candidates[lo : lo + step]))
         return torch.cat(parts).float()
 
-    def _scorer(self) -> Callable[[RequestBatch, Tensor], Tensor]:
+    def _scorer(self, model: GESRModel) -> Callable[[RequestBatch, Tensor], Tensor]:
         """model.score, compiled once per stage when `compile` is on."""
         if not self.config.compile:
-            return self.model.score
+            return model.score
         if self._compiled is None:
-            compiled = torch.compile(self.model.score, dynamic=True)
-            model = self.model
+            compiled = torch.compile(model.score, dynamic=True)
 
             def guarded(batch: RequestBatch, cand: Tensor) -> Tensor:
                 try:

@@ -36,8 +36,9 @@ from torch import Tensor, nn
 
 from cascade.data.traffic import RequestBatch, Traffic
 from cascade.stages.base import Candidates, FitContext, StageError, register
-from cascade.stages.retrieval import search_with_exclusion, validate_index_spec
-from cascade.stages.training import TrainConfig, cached_fit, seed_everything
+from cascade.stages.learned import LearnedStage
+from cascade.stages.retrieval import build_index, search_with_exclusion, validate_index_spec
+from cascade.stages.training import TrainConfig, seed_everything
 from cascade.util.progress import Progress
 from cascade.util.ranking import ndcg, ranks_from_scores
 
@@ -57,6 +58,8 @@ class SASRecConfig:
     valid_requests: int = 2000  # early stopping on at most this many validation requests
     time_budget_s: float | None = None  # stop training after this many seconds
     index: str = "Flat"  # retrieval: faiss.index_factory string
+    nprobe: int = 16  # IVF indexes: lists probed per query
+    ef_search: int = 128  # HNSW indexes: search breadth
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             epochs=200, batch_size=128, lr=1e-3, weight_decay=0.0, patience=5, grad_clip=5.0
@@ -336,57 +339,33 @@ def train_sasrec(model: SASRecModel, ctx: FitContext, cfg: SASRecConfig, window:
 @register("retrieval", "sasrec")
 @register("esr", "sasrec")
 @register("lsr", "sasrec")
-class SASRec:
+class SASRec(LearnedStage):
     """SASRec as retrieval, ESR or LSR (see the module docstring)."""
 
     name = "sasrec"
+    kind = "ranker"
     config_class = SASRecConfig
+    serving_fields = ("index", "nprobe", "ef_search")
+    cache_name = f"sasrec-{MODEL_VERSION}"
     candidate_independent = True  # a candidate's score never depends on the other candidates
 
-    def __init__(self, config: SASRecConfig | None = None) -> None:
-        self.config = config or SASRecConfig()
-        if not isinstance(self.config, SASRecConfig):
-            raise ValueError(f"config must be a SASRecConfig, got {type(self.config).__name__}")
-        self.model_: SASRecModel | None = None
-        self.index_ = None
-        self.fit_report_: dict = {}
+    def _window(self, ctx: FitContext) -> int:
+        return ctx.train.max_len if self.config.max_len is None else self.config.max_len
 
-    def fit(self, ctx: FitContext) -> SASRec:
-        cfg = self.config
-        window = ctx.train.max_len if cfg.max_len is None else cfg.max_len
-        seed_everything(ctx.seed)
-        model = SASRecModel(ctx.dataset.n_items, window, cfg)
-        self.device_ = ctx.device
+    def build_model(self, ctx: FitContext) -> SASRecModel:
+        return SASRecModel(ctx.dataset.n_items, self._window(ctx), self.config)
+
+    def train_model(self, model: SASRecModel, ctx: FitContext) -> dict:
+        return train_sasrec(model, ctx, self.config, self._window(ctx), "sasrec")
+
+    def prepare_serving(self, model: SASRecModel, ctx: FitContext) -> None:
         self.exclude_seen_ = ctx.exclude_seen
-        self.fit_report_ = cached_fit(
-            model, stage=f"sasrec-{MODEL_VERSION}", config={**_plain(cfg), "window": window},
-            ctx=ctx, train=lambda: train_sasrec(model, ctx, cfg, window, "sasrec"),
-            serving=("index",),
-        )
-        model.to(ctx.device).eval()
-        self.model_ = model
         self.item_vecs_ = model.items().detach()
-        self.index_ = self._build_index(ctx.index or cfg.index)
-        return self
-
-    def _build_index(self, spec: str):
-        import faiss
-
-        vecs = np.ascontiguousarray(self.item_vecs_.float().cpu().numpy())
-        index = faiss.index_factory(vecs.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            index.train(vecs)
-        index.add(vecs)
-        return index
-
-    def _fitted(self) -> SASRecModel:
-        if self.model_ is None:
-            raise StageError(f"stage {self.name!r} used before fit(); call fit(ctx) first")
-        return self.model_
+        self.index_ = build_index(self.item_vecs_, ctx.index or self.config.index, self.config)
 
     @torch.no_grad()
     def user_vectors(self, batch: RequestBatch) -> Tensor:
-        return self._fitted().user(batch.to(self.device_))
+        return self.fitted_model().user(batch.to(self.device_))
 
     @torch.no_grad()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
@@ -400,7 +379,6 @@ class SASRec:
 
     @torch.no_grad()
     def retrieve(self, batch: RequestBatch, k: int) -> Candidates:
-        self._fitted()
         batch = batch.to(self.device_)
         u = self.user_vectors(batch)
 
@@ -409,10 +387,3 @@ class SASRec:
             return torch.from_numpy(ids).to(self.device_), torch.from_numpy(scores).to(self.device_)
 
         return search_with_exclusion(search, u, self.item_vecs_, batch, k, self.exclude_seen_)
-
-
-def _plain(cfg: SASRecConfig) -> dict:
-    import dataclasses
-
-    return {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-            for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))}

@@ -23,11 +23,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any, Callable, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -36,7 +36,6 @@ from cascade.data.dataset import Dataset
 from cascade.data.splits import Split
 from cascade.data.traffic import RequestBatch, Traffic
 
-StageKind = Literal["retrieval", "esr", "lsr"]
 STAGE_KINDS: tuple[str, ...] = ("retrieval", "esr", "lsr")
 
 

@@ -128,7 +128,7 @@ REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 _REGISTRY: dict[str, dict[str, Callable[..., object]]] = {k: {} for k in STAGE_KINDS}
-_BUILTIN_MODULES = ("retrieval", "twotower", "lsr", "popular", "oracle", "gesr")
+_BUILTIN_MODULES = ("retrieval", "twotower", "lsr", "popular", "oracle", "gesr", "sasrec")
 _BUILTINS_LOADED = False
 
 

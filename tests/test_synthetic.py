@@ -16,7 +16,6 @@ from cascade.data.splits import SplitConfig, make_split
 from cascade.data.synthetic import GroundTruth, SyntheticConfig, generate, preset
 from cascade.data.traffic import Traffic
 from cascade.stages.base import FitContext, StageError, resolve_stage_class
-from cascade.stages.twotower import PAD_SCORE
 from scipy.stats import spearmanr
 
 
@@ -300,12 +299,10 @@ def test_oracle_stages(tiny):
     assert oracle.config.parts == ("dot", "cross") and dot.config.parts == ("dot",)
     batch = Traffic(tiny, ctx.split.test).batch(np.arange(8))
     cand = torch.randint(0, tiny.n_items, (8, 20), generator=torch.Generator().manual_seed(1))
-    cand[:, -1] = -1  # padding
     s = oracle.score(batch, cand)
-    assert (s[:, -1] == PAD_SCORE).all()
-    torch.testing.assert_close(s[:, :-1], tiny.truth.affinity(batch, cand[:, :-1]))
-    torch.testing.assert_close(dot.score(batch, cand)[:, :-1],
-                               tiny.truth.affinity(batch, cand[:, :-1], parts=("dot",)))
+    torch.testing.assert_close(s, tiny.truth.affinity(batch, cand))
+    torch.testing.assert_close(dot.score(batch, cand),
+                               tiny.truth.affinity(batch, cand, parts=("dot",)))
     cls = resolve_stage_class("esr", "oracle")
     custom = cls(config=cls.config_class(parts=["category"])).fit(ctx)
     torch.testing.assert_close(custom.score(batch, cand[:, :-1]),

@@ -158,7 +158,7 @@ def main() -> None:
         child_generate(args.child)
         return
 
-    from cascade.stages.training import atomic_write_bytes
+    from cascade.util.fsio import atomic_write_bytes
 
     from cascade.env import capture
 

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     args = p.parse_args(argv)
 
-    from cascade.stages.training import atomic_write_bytes
+    from cascade.util.fsio import atomic_write_bytes
     from rich.console import Console
 
     from cascade.env import capture

@@ -41,7 +41,7 @@ from cascade.data.synthetic import generate, preset
 from cascade.data.traffic import RequestBatch
 from cascade.env import capture
 from cascade.stages.gesr import GESRConfig, GESRModel, GESRStage, MoAConfig
-from cascade.stages.training import atomic_write_bytes
+from cascade.util.fsio import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_gesr.json"
 
@@ -135,7 +135,7 @@ def funnel_costs(ds, args, device) -> list[dict]:
             score = lambda fn=fn: fn(batch, cand)  # noqa: E731
         else:  # the stage's serving call: chunked over requests, catalogue cache built
             stage = GESRStage(GESRConfig(moa=moa, compile=label.endswith("compiled")))
-            stage.model = build(ds, moa, device, n_hist)
+            stage.model_ = build(ds, moa, device, n_hist)
             score = lambda stage=stage: stage.score(batch, cand)  # noqa: E731
             if stage.config.compile:  # the first call compiles: time it apart
                 t0 = time.perf_counter()

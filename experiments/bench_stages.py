@@ -179,7 +179,7 @@ def main() -> None:
         if name == "retrieval":
             retrieved = [stage.retrieve(b, 100).ids for b in test.batches(128)]
         metrics = evaluate(stage, test, ds.n_items, popularity, 128, retrieved)
-        rep = stage.report
+        rep = stage.fit_report_ or {}
         rows.append(
             {
                 "stage": name,

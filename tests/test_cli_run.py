@@ -146,8 +146,6 @@ def test_cli_builtin_funnel_on_tiny_synthetic(tmp_path):
     from cascade.records import dumps_toml
 
     stages = builtin_stage_specs(epochs=1, steps=10)
-    if stages is None:
-        pytest.skip("the built-in two-tower ESR / LSR stages are not installed yet")
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(dumps_toml({"data": "synthetic:tiny", "max_len": 20, **stages}))
     res = invoke("--config", str(cfg), "--out", str(tmp_path / "run"),

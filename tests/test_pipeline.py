@@ -533,8 +533,6 @@ def test_ml100k_end_to_end(ml100k_path, tmp_path):
     from funnel_toys import builtin_stage_specs
 
     stages = builtin_stage_specs(epochs=1, steps=10)
-    if stages is None:
-        pytest.skip("the built-in two-tower ESR / LSR stages are not installed yet")
     cfg = RunConfig.from_dict({
         **stages, "data": str(ml100k_path), "max_len": 20, "cache_dir": str(tmp_path / "cache"),
         "out": str(tmp_path / "run"), "device": "cpu", "bootstrap": 200,

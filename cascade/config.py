@@ -78,6 +78,9 @@ class StageSpec:
             raise ValueError(f"stage {self.stage!r}: config must be a table, got {self.config!r}")
         if self.label is not None and (not isinstance(self.label, str) or not self.label.strip()):
             raise ValueError(f"stage {self.stage!r}: label must be a non-empty string")
+        if not isinstance(self.baseline, bool):
+            raise ValueError(f"stage {self.stage!r}: baseline must be true or false, got "
+                             f"{self.baseline!r}")
 
     @property
     def display(self) -> str:
@@ -89,7 +92,10 @@ class StageSpec:
         if isinstance(value, StageSpec):
             return value
         if isinstance(value, str):
-            return cls(stage=value)
+            try:
+                return cls(stage=value)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         if isinstance(value, Mapping):
             _check_keys(value, ("stage", "config", "label", "baseline"), where)
             if "stage" not in value:
@@ -267,8 +273,8 @@ class RunConfig:
             )
         if "data_options" in kw and not isinstance(kw["data_options"], Mapping):
             raise ValueError(f"{where}: data_options must be a table")
-        for k in ("cache_dir", "out"):
-            if kw.get(k) is not None:
+        for k in ("cache_dir", "out"):  # paths given as Path by library callers
+            if isinstance(kw.get(k), Path):
                 kw[k] = str(kw[k])
         hints = typing.get_type_hints(cls)
         for k, v in kw.items():  # a wrong-typed value names its key before anything else
@@ -390,6 +396,9 @@ def read_toml(path: str | Path) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {p}: invalid TOML ({e})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ValueError(f"config file {p}: invalid TOML (arrays or tables nested too deeply)"
+                         ) from None
 
 
 def stage_config(kind: str, spec: StageSpec) -> Any:
@@ -414,10 +423,19 @@ def build_stage(kind: str, spec: StageSpec | str) -> Any:
     its config dataclass from the spec's table and construct it."""
     spec = StageSpec.parse(spec, kind)
     cls, config = stage_config(kind, spec)
+    name = getattr(cls, "__name__", repr(cls))
     try:
         return cls() if config is None else cls(config=config)
     except TypeError as e:
         raise StageError(
-            f"{kind} stage {spec.stage!r} ({cls.__name__}) cannot be constructed: {e} "
+            f"{kind} stage {spec.stage!r} ({name}) cannot be constructed: {e} "
             "(a stage must be constructible with no arguments, or with config=)"
         ) from None
+    except (StageError, KeyboardInterrupt):
+        raise
+    except SystemExit as e:  # a plugin must never end a run silently
+        raise StageError(f"{kind} stage {spec.stage!r} ({name}) called sys.exit({e.code!r}) "
+                         "when constructed") from None
+    except Exception as e:  # noqa: BLE001 - the stage's own constructor failed
+        raise StageError(f"{kind} stage {spec.stage!r} ({name}) cannot be constructed: "
+                         f"{type(e).__name__}: {e}") from e

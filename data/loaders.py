@@ -40,12 +40,14 @@ back). Feature codes start at 1 in the order of `vocab[name][1:]`; 0 is unknown 
 from __future__ import annotations
 
 import inspect
+import typing
 from pathlib import Path
 from typing import Any
 
 from cascade.data.dataset import Dataset, DataError
 from cascade.data.formats import detect_format, get_format, resolve
 from cascade.data.formats.log import load_interaction_log
+from cascade.util.tables import check_type
 
 __all__ = ["load_dataset", "detect_format", "load_interaction_log"]
 
@@ -56,7 +58,23 @@ def _load_synthetic(spec: str, opts: dict[str, Any]) -> Dataset:
     from cascade.data.synthetic import generate, preset
 
     name = spec.split(":", 1)[1] if ":" in spec else "small"
-    return generate(preset(name, **opts))
+    try:
+        cfg = preset(name, **opts)
+    except (TypeError, ValueError) as e:  # an unknown preset or option, a bad option value
+        raise ValueError(f"dataset {spec!r}: {e}") from None
+    return generate(cfg)
+
+
+def _check_option_types(load, opts: dict[str, Any], fmt: str) -> None:
+    """Each option's value against the loader's annotation (`user_col = 1` names the option
+    instead of failing later as a missing column 1)."""
+    try:
+        hints = typing.get_type_hints(load)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
+        return
+    for k, v in opts.items():
+        if k in hints:
+            check_type(v, hints[k], f"option {k} of the {fmt!r} format", classes=True)
 
 
 def load_dataset(spec: str | Path, *, cache_dir: Path | None = None, **opts: Any) -> Dataset:
@@ -109,6 +127,7 @@ def load_dataset(spec: str | Path, *, cache_dir: Path | None = None, **opts: Any
             f"option(s) {unknown} do not apply to the {form.name!r} format; it accepts "
             f"{accepted} plus {', '.join(_GENERAL_OPTIONS)}"
         )
+    _check_option_types(form.load, opts, form.name)
     if opts.get("min_user_events", 2) < 1:
         raise ValueError(f"min_user_events must be >= 1, got {opts['min_user_events']}")
     ds = form.load(path, **opts)

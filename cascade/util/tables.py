@@ -52,9 +52,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def check_type(value: Any, tp: Any, where: str) -> None:
+def check_type(value: Any, tp: Any, where: str, *, classes: bool = False) -> None:
     """Raise `ConfigError` unless `value` fits the annotation `tp` (int, float, bool, str,
-    Optional/Union of them, tuples and Mappings loosely; anything else is not checked)."""
+    Optional/Union of them, tuples and Mappings loosely; anything else is not checked, unless
+    `classes`: then any other class in `tp` (`Path`, a DataFrame) is checked with isinstance)."""
     if tp is Any or tp is None:
         return
     origin = typing.get_origin(tp)
@@ -67,7 +68,7 @@ def check_type(value: Any, tp: Any, where: str) -> None:
             if a is type(None):
                 continue
             try:
-                check_type(value, a, where)
+                check_type(value, a, where, classes=classes)
                 return
             except ConfigError as e:
                 errors.append(e)
@@ -101,6 +102,8 @@ def check_type(value: Any, tp: Any, where: str) -> None:
     elif origin is not None and isinstance(origin, type) and issubclass(origin, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a table, got {value!r}")
+    elif classes and origin is None and isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
 
 
 def from_table(cls: type, values: Mapping[str, Any], where: str, base: Any = None) -> Any:

@@ -103,7 +103,14 @@ def _timestamps(df: pl.DataFrame, col: str, file: str, report: list[str]) -> pl.
         elif pl.Series([first]).cast(pl.Float64, strict=False)[0] is not None:
             out, kind = s.cast(pl.Float64, strict=False), "float"
         else:
-            out = s.str.to_datetime(strict=False).dt.epoch("s")
+            try:
+                out = s.str.to_datetime(strict=False).dt.epoch("s")
+            except pl.exceptions.PolarsError:  # no date/time format fits the first value
+                where, _ = locate(df, file, s.is_not_null() & (s == first))
+                raise DataError(
+                    f"{where}, column {col!r}: expected a timestamp (integer, number or "
+                    f"date/time), found {shown(first)}"
+                ) from None
     else:
         raise DataError(
             f"{file}, column {col!r}: expected timestamps (integers, numbers, dates or datetimes), "

@@ -136,7 +136,11 @@ def _normalise(raw: bytes, encoding: str) -> bytes:
 def scan_lines(path: Path, encoding: str = "utf8") -> pl.LazyFrame:
     """One row per physical line: `_line` (1-based line number), `_raw` (text, no line end).
     Blank lines come back as rows too, so row numbers are line numbers."""
-    raw = read_text(path, encoding)
+    return _lines(read_text(path, encoding))
+
+
+def _lines(raw: bytes) -> pl.LazyFrame:
+    """`scan_lines` of UTF-8 bytes with `\\n` line ends."""
     ends = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == 10) + 1
     if raw and not raw.endswith(b"\n"):
         ends = np.append(ends, len(raw))
@@ -279,6 +283,7 @@ def read_csv_strings(path: Path, *, required: Sequence[str], separator: str = ",
     check_utf8(path, raw)
     # polars ends lines at LF (CRLF too) only: it reads the text with every line end made LF
     raw = _normalise(raw, "utf8")
+    raw, skipped = _skip_blank_lines(raw)  # blank lines are not data, before the header too
     if not raw.split(b"\n", 1)[0].strip():
         raise DataError(
             f"{path}: the file is empty; expected a header line with columns {list(required)}"
@@ -295,13 +300,56 @@ def read_csv_strings(path: Path, *, required: Sequence[str], separator: str = ",
             f"{path}: missing column(s) {missing}; the header has {shown_names(df.columns)} "
             f"(separator {separator!r})"
         )
-    df = df.with_row_index("_line", offset=2).with_columns(pl.col("_line").cast(pl.Int64))
+    _check_short_lines(path, raw, separator, skipped)
+    df = df.with_row_index("_line", offset=2 + skipped).with_columns(pl.col("_line").cast(pl.Int64))
     # blank lines come back as all-null rows: not data
     df = df.filter(~pl.all_horizontal([pl.col(c).is_null() for c in df.columns if c != "_line"]))
     if df.height == 0:
         raise DataError(f"{path}: the file has a header but no data lines")
     _check_control(df, [c for c in df.columns if c != "_line"], str(path))
     return df
+
+
+def _skip_blank_lines(raw: bytes) -> tuple[bytes, int]:
+    """`raw` from its first line with text on, and how many blank lines came before it."""
+    skipped, pos = 0, 0
+    while True:
+        end = raw.find(b"\n", pos)
+        if end < 0 or raw[pos:end].strip():
+            return raw[pos:], skipped
+        skipped, pos = skipped + 1, end + 1
+
+
+# a quoted field, quotes doubled inside: what a separator inside it does not count for
+_QUOTED = r'"(?:[^"]|"")*"'
+
+
+def _check_short_lines(path: Path, raw: bytes, sep: str, skipped: int) -> None:
+    """A line with fewer fields than the header is an error (polars would fill the missing
+    fields with nulls, silently). Lines with a quote left open (a field spanning lines) are
+    left to polars' parser."""
+    counts = (
+        _lines(raw)
+        .filter(pl.col("_raw").str.strip_chars() != "")
+        .with_columns(pl.col("_raw").str.replace_all(_QUOTED, "").alias("_unq"))
+        .select(
+            "_line",
+            (pl.col("_unq").str.count_matches(sep, literal=True) + 1).alias("nf"),
+            pl.col("_unq").str.contains('"', literal=True).alias("open"),
+        )
+        .collect()
+    )
+    if counts.height < 2 or counts["open"].any():
+        return
+    k = counts["nf"][0]
+    short = counts.filter(pl.col("nf") < k)
+    if short.height:
+        line = short["_line"][0]
+        text = _lines(raw).filter(pl.col("_line") == line).collect()["_raw"][0]
+        raise DataError(
+            f"{path}, line {line + skipped}: expected {k} fields separated by {sep!r} like the "
+            f"header, found {short['nf'][0]}: {shown(text)}" + more(short.height - 1)
+        )
 
 
 def _check_control(df: pl.DataFrame, cols: list[str], file: str, what: str = "column") -> None:

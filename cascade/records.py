@@ -24,7 +24,6 @@ import ctypes
 import ctypes.util
 import errno
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -137,10 +136,10 @@ def write_run(
     try:
         (tmp / MARKER).write_text(FORMAT + "\n")
         (tmp / "config.toml").write_text(config_toml)
-        (tmp / "metrics.json").write_text(dumps_json({"format": FORMAT, **metrics}))
+        (tmp / "metrics.json").write_text(_json_text("metrics.json", {"format": FORMAT, **metrics}))
         requests.write_parquet(tmp / "requests.parquet")
         latency.write_parquet(tmp / "latency.parquet")
-        (tmp / "env.json").write_text(dumps_json(env))
+        (tmp / "env.json").write_text(_json_text("env.json", env))
         if finish is not None:
             finish(tmp)
         for f in tmp.rglob("*"):
@@ -157,6 +156,34 @@ def write_run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _json_text(name: str, obj: Any) -> str:
+    """`dumps_json(obj)`, or an error naming the key whose value JSON cannot hold (a plugin's
+    `fit_report_` holding a tensor or an object, say)."""
+    try:
+        return dumps_json(obj)
+    except (TypeError, ValueError) as e:
+        at = _first_unserialisable(obj)
+        hint = (" (a stage's fit_report_ must hold only numbers, strings, lists and tables)"
+                if at and at.startswith("training.") else "")
+        raise RunFormatError(
+            f"cannot write {name}: the value at {at or '(top)'} is not JSON data ({e}){hint}"
+        ) from None
+
+
+def _first_unserialisable(obj: Any, path: str = "") -> str | None:
+    """The key path of the first value in `obj` that JSON cannot hold."""
+    if isinstance(obj, (Mapping, list, tuple)):
+        items = obj.items() if isinstance(obj, Mapping) else enumerate(obj)
+        paths = ((f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k), v)
+                 for k, v in items)
+        return next((f for p, v in paths if (f := _first_unserialisable(v, p)) is not None), None)
+    try:
+        dumps_json(obj)
+    except (TypeError, ValueError):
+        return path
+    return None
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -246,7 +273,7 @@ def load_run(path: str | Path) -> RunRecord:
         raise RunFormatError(f"{p}: run format {fmt!r} is not supported (expected {FORMAT!r})")
     try:
         config = tomllib.loads(_read_text(p / "config.toml"))
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
         raise RunFormatError(f"{p / 'config.toml'}: not valid TOML ({e})") from None
     env = _read_json(p / "env.json")
     return RunRecord(path=p, config=config, metrics=metrics, env=env)
@@ -334,68 +361,118 @@ def _read_parquet(path: Path, folder: Path, columns: Sequence[str]) -> pl.DataFr
     try:
         frame = pl.read_parquet(path)
     except Exception as e:  # noqa: BLE001 - polars raises several kinds for a corrupt file
-        raise RunFormatError(f"run folder {folder}: cannot read {path.name}: {e}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFormatError(f"run folder {folder}: cannot read {path.name}: {reason}") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise RunFormatError(
             f"run folder {folder}: {path.name} lacks column(s) {', '.join(missing)} "
             f"(has {', '.join(frame.columns)})"
         )
+    for c, dtype in frame.schema.items():
+        kind = _column_kind(c)
+        if kind is not None and dtype != pl.Null and not _COLUMN_KINDS[kind](dtype):
+            raise RunFormatError(
+                f"run folder {folder}: {path.name} column {c!r} holds {dtype}, expected {kind}")
     return frame
 
 
+_COLUMN_KINDS = {"text": lambda t: t in (pl.String, pl.Categorical), "bool": lambda t: t == pl.Boolean,
+                 "integers": lambda t: t.is_integer(), "numbers": lambda t: t.is_numeric()}
+
+
+def _column_kind(name: str) -> str | None:
+    """What a column of requests.parquet or latency.parquet holds (None: one nothing reads)."""
+    if name in ("variant", "stage", "hist_bucket", "pop_bucket"):
+        return "text"
+    if name in ("request_id", "user", "target", "n_targets", "hist_len", "batch",
+                "batch_size") or name.startswith("rank_"):
+        return "integers"
+    if name == "oracle_sampled":
+        return "bool"
+    numbers = name in ("ms", "consistency", "mrr") or "@" in name
+    return "numbers" if numbers or name.startswith(("recall_", "oracle_")) else None
+
+
+NUMBER = (int, float)
+_KIND_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer",
+               float: "a number", NUMBER: "a number", object: "present"}
+
+
 def _expect(value: Any, kind: type | tuple, where: str, what: str) -> Any:
-    if isinstance(value, bool) and kind in ((int, float), int, float):
-        raise RunFormatError(f"{where}: {what} must be {_kind_name(kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        raise RunFormatError(f"{where}: {what} must be {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (NUMBER, int, float)):
+        raise RunFormatError(f"{where}: {what} must be {_KIND_NAMES[kind]}, got {value!r}")
     return value
 
 
-def _kind_name(kind: type | tuple) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", int: "an integer",
-             float: "a number", (int, float): "a number"}
-    return names.get(kind, getattr(kind, "__name__", str(kind)))
+# What compare and report read from metrics.json, parents before children; "*" is every key of
+# an object or item of a list. How: "required" (there, not null), "present" (there, may be null),
+# "optional" (absent, null or of the type), "value" (absent or of the type, never null).
+_FIELDS: tuple[tuple[str, type | tuple, str], ...] = (
+    ("data", dict, "required"), ("budgets", dict, "required"), ("variants", dict, "required"),
+    ("data.traffic_key", object, "required"), ("data.n_requests", NUMBER, "optional"),
+    ("variants.*", dict, "required"), ("variants.*.stages", list, "required"),
+    ("variants.*.final", dict, "required"), ("variants.*.final.*", NUMBER, "optional"),
+    ("variants.*.throughput_rps", NUMBER, "optional"),
+    ("variants.*.stages.*", dict, "required"), ("variants.*.stages.*.name", str, "required"),
+    ("variants.*.stages.*.k", int, "required"), ("variants.*.stages.*.recall", NUMBER, "present"),
+    ("variants.*.stages.*.survival", NUMBER, "optional"),
+    *((f"variants.*{at}.{q}", dict, "optional") for at in ("", ".stages.*")
+      for q in ("latency_ms", "latency_per_request_ms", "funnel_latency_ms")),
+    *((f"variants.*{at}.{q}.*", NUMBER, "value") for at in ("", ".stages.*")
+      for q in ("latency_ms", "latency_per_request_ms", "funnel_latency_ms")),
+    *((f"variants.*.{k}", dict, "optional") for k in (
+        "by_history_length", "by_popularity", "vs_lsr_full_catalogue", "funnel_loss")),
+    ("variants.*.funnel_loss.oracle", dict, "optional"),
+    ("primary", str, "optional"), ("baseline", str, "optional"), ("stages", dict, "optional"),
+    ("reference", dict, "optional"), ("reference.lsr_full_catalogue", dict, "optional"),
+    ("reference.most_popular", dict, "optional"), ("reference.n_requests", int, "optional"),
+    ("training", dict, "optional"), ("training.*", dict, "required"),
+    ("training.*.report", dict, "optional"),
+    ("comparisons", dict, "optional"), ("comparisons.*", dict, "optional"),
+    ("comparisons.*.*", dict, "required"), ("comparisons.*.*.delta", NUMBER, "optional"),
+)
+_ABSENT = object()
 
 
-def _number_or_null(x: Any, where: str, what: str) -> None:
-    if x is not None:
-        _expect(x, (int, float), where, what)
+def _matches(obj: Any, parts: list[str], path: str = ""):
+    """(path, value or _ABSENT) of every match of `parts` in `obj`."""
+    head, rest = parts[0], parts[1:]
+    if isinstance(obj, dict):
+        items = list(obj.items()) if head == "*" else [(head, obj.get(head, _ABSENT))]
+    elif isinstance(obj, list) and head == "*":
+        items = list(enumerate(obj))
+    else:
+        return  # not a container: its own entry reports that
+    for k, v in items:
+        p = f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k)
+        if not rest:
+            yield p, v
+        elif v is not _ABSENT and v is not None:
+            yield from _matches(v, rest, p)
 
 
 def _check_metrics(m: dict[str, Any], folder: Path) -> None:
-    """The fields compare and report read, with their types: a half-valid run is refused
-    whole, naming the field."""
+    """The fields compare and report read, with their types (`_FIELDS`): a half-valid run is
+    refused whole, naming the field."""
     where = f"run folder {folder}: metrics.json"
-    for key in ("data", "budgets", "variants"):
-        if key not in m:
-            raise RunFormatError(f"{where} lacks {key!r}")
-    _expect(m["data"], dict, where, "data")
-    _expect(m["budgets"], dict, where, "budgets")
-    if "traffic_key" not in m["data"]:
-        raise RunFormatError(f"{where} lacks 'data.traffic_key'")
-    if not isinstance(m["variants"], dict) or not m["variants"]:
-        raise RunFormatError(f"{where} has no ESR variants under 'variants'")
-    for label, v in m["variants"].items():
-        _expect(v, dict, where, f"variants.{label}")
-        for key in ("stages", "final"):
-            if key not in v:
-                raise RunFormatError(f"{where} lacks 'variants.{label}.{key}'")
-        _expect(v["stages"], list, where, f"variants.{label}.stages")
-        _expect(v["final"], dict, where, f"variants.{label}.final")
-        for k, x in v["final"].items():
-            _number_or_null(x, where, f"variants.{label}.final.{k}")
-        _number_or_null(v.get("throughput_rps"), where, f"variants.{label}.throughput_rps")
-        for i, s in enumerate(v["stages"]):
-            _expect(s, dict, where, f"variants.{label}.stages[{i}]")
-            lacking = [k for k in ("name", "k", "recall") if k not in s]
-            if lacking:
-                raise RunFormatError(f"{where}: variants.{label}.stages[{i}] lacks {lacking}")
-            _expect(s["name"], str, where, f"variants.{label}.stages[{i}].name")
-            _expect(s["k"], int, where, f"variants.{label}.stages[{i}].k")
-            _number_or_null(s["recall"], where, f"variants.{label}.stages[{i}].recall")
-            for q, x in (s.get("latency_ms") or {}).items():
-                _number_or_null(x, where, f"variants.{label}.stages[{i}].latency_ms.{q}")
+    for path, kind, how in _FIELDS:
+        for p, v in _matches(m, path.split(".")):
+            if v is _ABSENT and how in ("required", "present"):
+                raise RunFormatError(f"{where} lacks {p!r}")
+            if v is None and how in ("required", "value"):
+                raise RunFormatError(f"{where}: {p} must be {_KIND_NAMES[kind]}, got None")
+            if v is not _ABSENT and v is not None:
+                _expect(v, kind, where, p)
+    empty = [f"variants.{k}.final" for k, v in m["variants"].items() if not v["final"]]
+    if not m["variants"] or empty:
+        raise RunFormatError(f"{where}: {(empty or ['variants'])[0]} is empty")
+    for p, c in _matches(m, ["comparisons", "*", "*"]):  # an interval wherever a delta is
+        ci = c.get("ci95") if isinstance(c, dict) else None
+        if c is not _ABSENT and (ci is not None or c.get("delta") is not None) and not (
+                isinstance(ci, list) and len(ci) == 2
+                and all(isinstance(x, NUMBER) and not isinstance(x, bool) for x in ci)):
+            raise RunFormatError(f"{where}: {p}.ci95 must be [low, high], two numbers, got {ci!r}")
 
 
 def read_run(path: str | Path) -> Run:

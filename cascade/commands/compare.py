@@ -30,7 +30,7 @@ def compare(
     bootstrap: Annotated[
         int, typer.Option(help="Bootstrap resamples for the paired 95% intervals.", min=100)
     ] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.", min=0)] = 0,
 ) -> None:
     """Put saved runs side by side (funnel recall, final metrics, latency, throughput).
 

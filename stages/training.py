@@ -5,6 +5,10 @@ progress bar, early stopping on the validation split and the checkpoints. A stag
 - `loss_fn(batch, generator) -> scalar Tensor` for one training batch (already on the device);
 - `valid_fn() -> float`, higher is better (e.g. `sampled_mrr` or full-catalogue recall).
 
+A checkpoint that cannot be loaded (truncated, random bytes, empty, another stage's weights, a
+damaged meta.json) is reported in one line on stderr and the stage is trained again, from the same
+initial weights, and the checkpoint rewritten: a damaged cache heals without `--retrain`.
+
 Checkpoints are cached by (stage name, stage config, dataset fingerprint, split, seed, history
 length, the run's exclude_seen): a state dict saved with `torch.save` plus a JSON of the config
 and training report, loaded with `weights_only=True`, both written atomically
@@ -16,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
+import zipfile
 import io
 import math
 import random
@@ -97,6 +103,43 @@ def cache_key(stage: str, config: Any, ctx: FitContext) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+class CheckpointError(ValueError):
+    """A cached checkpoint that cannot be loaded into its stage's model."""
+
+
+def _load_checkpoint(model: nn.Module, path: Path, device: torch.device) -> dict:
+    """Load `path`/model.pt into `model` and return meta.json's report, or raise
+    `CheckpointError` naming the file and what is wrong with it. The file is checked to be a
+    non-empty torch zip archive before torch reads it (an empty file can abort the process)."""
+    weights, meta_file = path / "model.pt", path / "meta.json"
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        if weights.stat().st_size == 0 or not zipfile.is_zipfile(weights):
+            raise CheckpointError(f"checkpoint {weights} is empty or not a torch archive")
+        try:
+            state = torch.load(weights, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises several kinds for a damaged file
+            raise CheckpointError(f"checkpoint {weights} cannot be read ({type(e).__name__})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {weights} does not hold a state dict")
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {weights} does not fit this stage ({first[:160]})") from None
+        try:
+            meta = json.loads(meta_file.read_text())
+            report = meta["report"]
+            if not isinstance(report, dict):
+                raise TypeError("report is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint metadata {meta_file} is damaged ({e})") from None
+    except CheckpointError:
+        model.load_state_dict(before)  # retrain from the same initial weights
+        raise
+    return report
+
+
 def cached_fit(
     model: nn.Module,
     *,
@@ -116,10 +159,11 @@ def cached_fit(
     if ctx.cache_dir is not None:
         path = Path(ctx.cache_dir) / f"{stage}-{cache_key(stage, config, ctx)}"
         if not ctx.retrain and (path / "model.pt").exists() and (path / "meta.json").exists():
-            state = torch.load(path / "model.pt", map_location=ctx.device, weights_only=True)
-            model.load_state_dict(state)
-            meta = json.loads((path / "meta.json").read_text())
-            return {**meta["report"], "cached": True, "checkpoint": str(path)}
+            try:
+                report = _load_checkpoint(model, path, ctx.device)
+                return {**report, "cached": True, "checkpoint": str(path)}
+            except CheckpointError as e:  # a damaged checkpoint heals: say so, train again
+                print(f"warning: {e}; training {stage} again", file=sys.stderr, flush=True)
     report = train()
     if path is not None:
         atomic_torch_save(model.state_dict(), path / "model.pt")

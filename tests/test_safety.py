@@ -304,3 +304,71 @@ def test_damaged_run_folders_are_refused_by_compare_and_report(tmp_path):
     (run / "metrics.json").unlink()
     (run / "metrics.json").mkdir()
     _assert_user_error(_cli("compare", str(run)), "metrics.json: not a regular file")
+
+
+# ---- a damaged checkpoint heals (defect 5) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_ctx(tmp_path_factory):
+    import dataclasses
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from funnel_toys import planted_dataset
+
+    from cascade.config import RunConfig
+    from cascade.session import prepare
+
+    ctx = prepare(RunConfig(device="cpu"), dataset=planted_dataset(), progress=False).ctx
+    return dataclasses.replace(ctx, cache_dir=tmp_path_factory.mktemp("ckpt"))
+
+
+def _damage(folder: Path, how: str) -> None:
+    import torch
+
+    weights = folder / "model.pt"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "random bytes":
+        weights.write_bytes(os.urandom(2048))
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "another stage's weights":
+        buf = __import__("io").BytesIO()
+        torch.save(torch.nn.Linear(3, 2).state_dict(), buf)
+        weights.write_bytes(buf.getvalue())
+    elif how == "meta {}":
+        (folder / "meta.json").write_text("{}")
+
+
+@pytest.mark.parametrize("how", ["truncated", "random bytes", "empty", "another stage's weights",
+                                 "meta {}"])
+def test_a_damaged_checkpoint_is_reported_and_retrained(small_ctx, how, capsys):
+    import torch
+
+    from cascade.stages.training import cached_fit
+
+    calls = []
+
+    def train(model):
+        calls.append(1)
+        with torch.no_grad():
+            model.weight.fill_(0.5)
+        return {"epochs_run": 1}
+
+    def fit():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)
+        return model, cached_fit(model, stage=f"heal-{how}", config={"x": 1}, ctx=small_ctx,
+                                 train=lambda: train(model))
+
+    _, first = fit()
+    assert first["cached"] is False and len(calls) == 1
+    folder = Path(first["checkpoint"])
+    _damage(folder, how)
+    model, second = fit()
+    assert second["cached"] is False and len(calls) == 2  # trained again, no traceback
+    assert "warning: checkpoint" in capsys.readouterr().err
+    assert torch.all(model.weight == 0.5)
+    model, third = fit()  # the rewritten checkpoint loads
+    assert third["cached"] is True and len(calls) == 2 and torch.all(model.weight == 0.5)

@@ -14,8 +14,8 @@ carries a marker file (`.cascade-run`) that cascade writes; `--out` replaces onl
 holds that marker and nothing but run files, so a user's own folder is never deleted. Replacing
 an earlier run swaps the two folders in one step (Linux `renameat2(RENAME_EXCHANGE)`), so the old
 run is there until the new one is; where the kernel cannot swap, the old run is moved aside first
-and put back if the rename fails. Temporary folders left by a killed run are removed by the next
-run that writes beside them.
+and put back if the rename fails, or by the next run if this one is killed in between. Temporary
+folders left by a killed run are removed by the next run that writes beside them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import glob
 import json
 import os
 import shutil
@@ -35,7 +36,9 @@ from typing import Any
 import polars as pl
 
 from cascade.util.serialize import dumps_json, dumps_toml  # noqa: F401 - re-exported
-from cascade.util.fsio import DIR_MODE, FILE_MODE, clean_stale_temporaries, temporary_prefix
+from cascade.util.fsio import (
+    DIR_MODE, FILE_MODE, _pid_alive, clean_stale_temporaries, temporary_prefix,
+)
 
 FORMAT = "cascade-run/2"  # 2: one name per metric (hr@10, mrr columns), a marker file
 RUN_FILES = ("config.toml", "metrics.json", "requests.parquet", "latency.parquet", "env.json")
@@ -53,14 +56,14 @@ def is_run_folder(path: Path) -> bool:
     but run files (a user's notes inside a run folder keep it from being replaced)."""
     if not path.is_dir() or path.is_symlink() or not (path / MARKER).is_file():
         return False
-    allowed = set(RUN_FILES) | set(RUN_EXTRAS)
-    return all(p.name in allowed for p in path.iterdir())
+    return all(p.name in {*RUN_FILES, *RUN_EXTRAS} for p in path.iterdir())
 
 
 def check_target(path: Path) -> None:
     """Refuse, before any work, an `--out` that cascade may not write: a file, a folder that
     holds something other than a cascade run, or a place it cannot write to."""
     path = Path(path).expanduser()
+    _recover(path)  # the previous run, where a killed run left it aside
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise ValueError(f"--out {path}: exists and is not a folder")
     if path.exists() and any(path.iterdir()) and not is_run_folder(path):
@@ -77,22 +80,18 @@ def check_target(path: Path) -> None:
         raise ValueError(f"--out {path}: cannot write in {parent} (permission denied)")
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE). False when the
-    platform or file system cannot."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2: swap two paths in one step (RENAME_EXCHANGE), or move `a` to `b` only
+    if `b` does not exist (RENAME_NOREPLACE: FileExistsError otherwise). False when the platform
+    or file system cannot."""
     libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    fn = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
     if fn is None:
         return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -100,17 +99,31 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _claim_unique(path: Path) -> Path:
-    """Create an empty folder at `path`, or at `path-2`, `path-3`, ... when taken. Creating it
-    is the claim, so two runs started at once never pick the same name."""
+def _publish_unique(tmp: Path, path: Path) -> Path:
+    """Move `tmp` to `path` (or `path-2`, ... when taken) replacing nothing: in one step where the
+    kernel can (RENAME_NOREPLACE; a killed run leaves no empty folder), else claim, then rename."""
     n = 1
     while True:
         cand = path if n == 1 else path.with_name(f"{path.name}-{n}")
         try:
-            cand.mkdir(parents=True)
+            if not _renameat2(tmp, cand, _RENAME_NOREPLACE):
+                cand.mkdir()
+                os.rename(tmp, cand)
             return cand
         except FileExistsError:
             n += 1
+
+
+def _recover(path: Path) -> None:
+    """Put back the previous run that a run killed between the two renames of `_publish`'s
+    fallback left in its temporary folder (`<tmp>/old`), with nothing at `path`."""
+    if path.exists() or path.is_symlink() or not path.parent.is_dir():
+        return
+    for aside in path.parent.glob(f"{glob.escape('.' + path.name)}.*.tmp"):
+        pid = aside.name.split(".")[-3]
+        if pid.isdigit() and not _pid_alive(int(pid)) and is_run_folder(aside / "old"):
+            os.rename(aside / "old", path)
+            return
 
 
 def write_run(
@@ -148,8 +161,7 @@ def write_run(
                     os.fsync(fh.fileno())
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes a private folder; a run folder is an output
         if unique:
-            path = _claim_unique(path)  # an empty folder of ours: the rename replaces it
-            os.rename(tmp, path)
+            path = _publish_unique(tmp, path)
         else:
             _publish(tmp, path)
     except BaseException:
@@ -164,12 +176,8 @@ def _json_text(name: str, obj: Any) -> str:
     try:
         return dumps_json(obj)
     except (TypeError, ValueError) as e:
-        at = _first_unserialisable(obj)
-        hint = (" (a stage's fit_report_ must hold only numbers, strings, lists and tables)"
-                if at and at.startswith("training.") else "")
-        raise RunFormatError(
-            f"cannot write {name}: the value at {at or '(top)'} is not JSON data ({e}){hint}"
-        ) from None
+        at = _first_unserialisable(obj) or "(top)"
+        raise RunFormatError(f"cannot write {name}: the value at {at} is not JSON ({e})") from None
 
 
 def _first_unserialisable(obj: Any, path: str = "") -> str | None:
@@ -196,7 +204,7 @@ def _publish(tmp: Path, path: Path) -> None:
     if not any(path.iterdir()):
         os.rename(tmp, path)  # an empty folder is replaced by the rename itself
         return
-    if _exchange(tmp, path):  # the new run is at `path`, the old one at `tmp`
+    if _renameat2(tmp, path, _RENAME_EXCHANGE):  # the new run is at `path`, the old at `tmp`
         shutil.rmtree(tmp, ignore_errors=True)
         return
     aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp"))
@@ -377,7 +385,7 @@ def _read_parquet(path: Path, folder: Path, columns: Sequence[str]) -> pl.DataFr
     return frame
 
 
-_COLUMN_KINDS = {"text": lambda t: t in (pl.String, pl.Categorical), "bool": lambda t: t == pl.Boolean,
+_COLUMN_KINDS = {"text": lambda t: t in (pl.String, pl.Categorical),
                  "integers": lambda t: t.is_integer(), "numbers": lambda t: t.is_numeric()}
 
 
@@ -388,10 +396,8 @@ def _column_kind(name: str) -> str | None:
     if name in ("request_id", "user", "target", "n_targets", "hist_len", "batch",
                 "batch_size") or name.startswith("rank_"):
         return "integers"
-    if name == "oracle_sampled":
-        return "bool"
-    numbers = name in ("ms", "consistency", "mrr") or "@" in name
-    return "numbers" if numbers or name.startswith(("recall_", "oracle_")) else None
+    numbers = name in ("ms", "consistency", "mrr") or "@" in name or name.startswith("recall_")
+    return "numbers" if numbers or name.startswith("oracle_") and name != "oracle_sampled" else None
 
 
 NUMBER = (int, float)
@@ -405,33 +411,31 @@ def _expect(value: Any, kind: type | tuple, where: str, what: str) -> Any:
     return value
 
 
-# What compare and report read from metrics.json, parents before children; "*" is every key of
-# an object or item of a list. How: "required" (there, not null), "present" (there, may be null),
+def _spec(how: str, kind: type | tuple, *paths: str) -> list[tuple[str, type | tuple, str]]:
+    return [(p, kind, how) for p in paths]
+
+
+# What compare and report read from metrics.json ("*": every key of an object or item of a
+# list), parents first. How: "required" (there, not null), "present" (there, may be null),
 # "optional" (absent, null or of the type), "value" (absent or of the type, never null).
-_FIELDS: tuple[tuple[str, type | tuple, str], ...] = (
-    ("data", dict, "required"), ("budgets", dict, "required"), ("variants", dict, "required"),
-    ("data.traffic_key", object, "required"), ("data.n_requests", NUMBER, "optional"),
-    ("variants.*", dict, "required"), ("variants.*.stages", list, "required"),
-    ("variants.*.final", dict, "required"), ("variants.*.final.*", NUMBER, "optional"),
-    ("variants.*.throughput_rps", NUMBER, "optional"),
-    ("variants.*.stages.*", dict, "required"), ("variants.*.stages.*.name", str, "required"),
-    ("variants.*.stages.*.k", int, "required"), ("variants.*.stages.*.recall", NUMBER, "present"),
-    ("variants.*.stages.*.survival", NUMBER, "optional"),
-    *((f"variants.*{at}.{q}", dict, "optional") for at in ("", ".stages.*")
-      for q in ("latency_ms", "latency_per_request_ms", "funnel_latency_ms")),
-    *((f"variants.*{at}.{q}.*", NUMBER, "value") for at in ("", ".stages.*")
-      for q in ("latency_ms", "latency_per_request_ms", "funnel_latency_ms")),
-    *((f"variants.*.{k}", dict, "optional") for k in (
-        "by_history_length", "by_popularity", "vs_lsr_full_catalogue", "funnel_loss")),
-    ("variants.*.funnel_loss.oracle", dict, "optional"),
-    ("primary", str, "optional"), ("baseline", str, "optional"), ("stages", dict, "optional"),
-    ("reference", dict, "optional"), ("reference.lsr_full_catalogue", dict, "optional"),
-    ("reference.most_popular", dict, "optional"), ("reference.n_requests", int, "optional"),
-    ("training", dict, "optional"), ("training.*", dict, "required"),
-    ("training.*.report", dict, "optional"),
-    ("comparisons", dict, "optional"), ("comparisons.*", dict, "optional"),
-    ("comparisons.*.*", dict, "required"), ("comparisons.*.*.delta", NUMBER, "optional"),
-)
+_LATENCY = [f"variants.*{at}.{q}" for at in ("", ".stages.*")
+            for q in ("latency_ms", "latency_per_request_ms", "funnel_latency_ms")]
+_FIELDS = sorted([
+    *_spec("required", dict, "data", "budgets", "variants", "variants.*", "variants.*.final",
+           "variants.*.stages.*", "training.*", "comparisons.*.*"),
+    *_spec("required", list, "variants.*.stages"), *_spec("required", int, "variants.*.stages.*.k"),
+    *_spec("required", str, "variants.*.stages.*.name"),
+    *_spec("required", object, "data.traffic_key"),
+    *_spec("present", NUMBER, "variants.*.stages.*.recall"),
+    *_spec("optional", NUMBER, "data.n_requests", "variants.*.final.*", "variants.*.throughput_rps",
+           "variants.*.stages.*.survival", "comparisons.*.*.delta"),
+    *_spec("optional", dict, *_LATENCY, "variants.*.by_history_length", "variants.*.by_popularity",
+           "variants.*.vs_lsr_full_catalogue", "variants.*.funnel_loss", "stages", "reference",
+           "variants.*.funnel_loss.oracle", "reference.lsr_full_catalogue", "training",
+           "reference.most_popular", "training.*.report", "comparisons", "comparisons.*"),
+    *_spec("optional", str, "primary", "baseline"), *_spec("optional", int, "reference.n_requests"),
+    *_spec("value", NUMBER, *(f"{p}.*" for p in _LATENCY)),
+], key=lambda field: field[0].count("."))
 _ABSENT = object()
 
 
@@ -440,10 +444,8 @@ def _matches(obj: Any, parts: list[str], path: str = ""):
     head, rest = parts[0], parts[1:]
     if isinstance(obj, dict):
         items = list(obj.items()) if head == "*" else [(head, obj.get(head, _ABSENT))]
-    elif isinstance(obj, list) and head == "*":
-        items = list(enumerate(obj))
-    else:
-        return  # not a container: its own entry reports that
+    else:  # a list, or not a container (its own entry reports that)
+        items = list(enumerate(obj)) if isinstance(obj, list) and head == "*" else []
     for k, v in items:
         p = f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k)
         if not rest:
@@ -468,10 +470,9 @@ def _check_metrics(m: dict[str, Any], folder: Path) -> None:
     if not m["variants"] or empty:
         raise RunFormatError(f"{where}: {(empty or ['variants'])[0]} is empty")
     for p, c in _matches(m, ["comparisons", "*", "*"]):  # an interval wherever a delta is
-        ci = c.get("ci95") if isinstance(c, dict) else None
-        if c is not _ABSENT and (ci is not None or c.get("delta") is not None) and not (
-                isinstance(ci, list) and len(ci) == 2
-                and all(isinstance(x, NUMBER) and not isinstance(x, bool) for x in ci)):
+        ci = c.get("ci95")
+        if (ci is not None or c.get("delta") is not None) and not (isinstance(ci, list) and len(
+                ci) == 2 and all(isinstance(x, NUMBER) and not isinstance(x, bool) for x in ci)):
             raise RunFormatError(f"{where}: {p}.ci95 must be [low, high], two numbers, got {ci!r}")
 
 
@@ -488,9 +489,8 @@ def read_run(path: str | Path) -> Run:
     have = set(requests["variant"].unique().to_list())
     lacking = [v for v in run.variants if v not in have]
     if lacking:
-        raise RunFormatError(
-            f"run folder {folder}: requests.parquet has no rows for variant(s) {lacking}"
-        )
+        raise RunFormatError(f"run folder {folder}: requests.parquet has no rows for variant(s) "
+                             f"{lacking}")
     return run
 
 

@@ -32,7 +32,10 @@ _KEY_NAMES = {"retrieval_k": "budgets.retrieval", "esr_k": "budgets.esr",
               "final_k": "budgets.final", "esr_share": "budgets.esr_share"}
 
 DEVICES = ("auto", "cpu", "cuda")
+# where replay runs (`cascade.backends`): this process, or Ray actors (`pip install -e ".[ray]"`)
+BACKENDS = ("inprocess", "ray")
 REPEAT_SHARE_FOR_EXCLUDE = 0.05  # exclude_seen "auto": exclude unless repeats are this common
+MAX_NAME_BYTES = 200  # a run's name ends its folder's name (runs/<time>-<name>, 255 bytes at most)
 
 
 def default_cache_dir() -> Path:
@@ -122,7 +125,7 @@ _TOP_KEYS = (
     "esr_variants", "lsr", "budgets", "index", "exclude_seen", "device", "seed", "batch_size",
     "cache_dir", "retrain", "out", "oracle", "oracle_requests", "reference", "reference_requests",
     "warmup",
-    "bootstrap",
+    "bootstrap", "backend", "ray_address", "workers",
 )
 
 
@@ -166,12 +169,20 @@ class RunConfig:
     reference_requests: int = 500
     warmup: int = 1  # untimed replay batches before timing
     bootstrap: int = 1000  # paired bootstrap resamples
+    backend: str = "inprocess"  # inprocess | ray: where replay runs (cascade.backends)
+    ray_address: str | None = None  # ray only: "auto", "ray://host:port", "host:port"; None starts a local Ray
+    workers: int | None = None  # ray only: replay workers (None: one per CPU of the Ray cluster)
 
     def __post_init__(self) -> None:
         if self.name is not None and (
             not isinstance(self.name, str) or not self.name.strip() or "/" in self.name
+            or len(self.name.encode()) > MAX_NAME_BYTES or not self.name.isprintable()
         ):
-            raise ValueError(f"RunConfig.name must be a non-empty name without '/', got {self.name!r}")
+            got = repr(self.name)
+            raise ValueError(
+                f"RunConfig.name must be a non-empty name without '/' or control characters, at "
+                f"most {MAX_NAME_BYTES} bytes (it names the run folder), got "
+                + (got if len(got) <= 60 else f"{got[:60]}... ({len(self.name)} characters)"))
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"RunConfig.data must be a dataset name or path, got {self.data!r}")
         if not isinstance(self.split, SplitConfig):
@@ -189,6 +200,17 @@ class RunConfig:
         _int(self.reference_requests, "RunConfig.reference_requests", minimum=0)
         _int(self.oracle_requests, "RunConfig.oracle_requests", minimum=0)
         check_esr_share(self.esr_share)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"RunConfig.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        _int(self.workers, "RunConfig.workers", minimum=1, optional=True)
+        if self.ray_address is not None and (not isinstance(self.ray_address, str)
+                                             or not self.ray_address.strip()):
+            raise ValueError(f"RunConfig.ray_address must be auto, ray://host:port or host:port, "
+                             f"got {self.ray_address!r}")
+        for name in ("ray_address", "workers"):
+            if getattr(self, name) is not None and self.backend != "ray":
+                raise ValueError(f"RunConfig.{name} needs backend = 'ray' (got backend "
+                                 f"{self.backend!r})")
         ks = [(n, v) for n, v in (("retrieval", self.retrieval_k), ("esr", self.esr_k),
                                   ("final", self.final_k)) if v is not None]
         for (_, v1), (_, v2) in itertools.pairwise(ks):
@@ -308,6 +330,9 @@ class RunConfig:
             "reference_requests": self.reference_requests,
             "warmup": self.warmup,
             "bootstrap": self.bootstrap,
+            "backend": self.backend,
+            "ray_address": self.ray_address,
+            "workers": self.workers,
             "data_options": dict(self.data_options) or None,
             "split": {k: v for k, v in dataclasses.asdict(self.split).items() if v is not None},
             "budgets": {"retrieval": self.retrieval_k, "esr": self.esr_k, "final": self.final_k,

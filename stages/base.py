@@ -235,6 +235,8 @@ def check_scores(stage_name: str, scores: object, shape: tuple[int, int]) -> Ten
         raise StageError(
             f"stage {stage_name!r} returned scores of shape {tuple(scores.shape)}, expected {shape}"
         )
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise StageError(f"stage {stage_name!r} returned {scores.dtype} scores, expected real numbers")
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).sum())
         raise StageError(f"stage {stage_name!r} returned {bad} NaN/inf scores")

@@ -372,3 +372,13 @@ def test_a_damaged_checkpoint_is_reported_and_retrained(small_ctx, how, capsys):
     assert torch.all(model.weight == 0.5)
     model, third = fit()  # the rewritten checkpoint loads
     assert third["cached"] is True and len(calls) == 2 and torch.all(model.weight == 0.5)
+
+
+def test_complex_scores_are_refused_at_the_funnel_boundary():
+    import torch
+
+    from cascade.stages.base import StageError, check_scores
+
+    with pytest.raises(StageError, match="complex64 scores, expected real numbers"):
+        check_scores("esr 'c'", torch.ones(2, 3, dtype=torch.complex64), (2, 3))
+    assert check_scores("esr 'c'", torch.ones(2, 3, dtype=torch.float64), (2, 3)).dtype == torch.float32

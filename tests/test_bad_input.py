@@ -497,3 +497,62 @@ def test_old_mac_line_ends_in_a_csv_log(tmp_path):
     p = tmp_path / "log.csv"
     p.write_bytes(b"user,item,timestamp\r1,2,3\r1,3,4\r")
     assert load_interaction_log(p).events["ts"].to_list() == [3, 4]
+
+
+# --------------------------------------------------------------------------------------------
+# found by experiments/fuzz_cli.py
+
+
+def test_a_csv_line_short_of_the_header_is_named_not_filled_with_nulls(tmp_path):
+    movies = "movieId,title,genres\n1,\"A, The (1990)\",Drama\n2,\"B (1991)\"\n"
+    _write(tmp_path / "ml" / "ratings.csv", ML_CSV + "1,1,4,1\n1,2,3,2\n")
+    _write(tmp_path / "ml" / "movies.csv", movies)
+    msg = _err(load_dataset, str(tmp_path / "ml"))
+    assert "movies.csv, line 3: expected 3 fields separated by ',' like the header, found 2" in msg
+    log = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,3\n1,3\n")
+    assert "log.csv, line 3: expected 3 fields" in _err(load_interaction_log, log)
+
+
+def test_blank_lines_before_a_csv_header_are_skipped_and_counted(tmp_path):
+    p = _write(tmp_path / "log.csv", "\n\nuser,item,timestamp\n1,2,3\n1,3,x\n")
+    assert "log.csv, line 5, column 'timestamp'" in _err(load_interaction_log, p)
+    _write(p, "\n\nuser,item,timestamp\n1,2,3\n1,3,4\n")
+    assert load_interaction_log(p).n_events == 2
+
+
+def test_a_text_timestamp_that_fits_no_format_names_its_line(tmp_path):
+    p = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,?\n1,3,4\n")
+    assert "log.csv, line 2, column 'timestamp': expected a timestamp" in _err(
+        load_interaction_log, p)
+
+
+@pytest.mark.parametrize("opts, needle", [
+    ({"user_col": 1}, "option user_col of the 'log' format must be a string, got 1"),
+    ({"time_col": False}, "option time_col of the 'log' format must be a string (or left out)"),
+    ({"separator": 5}, "option separator of the 'log' format"),
+    ({"item_features": 5}, "option item_features of the 'log' format"),
+    ({"strict": "yes"}, "option strict of the 'log' format must be true or false"),
+])
+def test_loader_options_of_the_wrong_type_are_named(tmp_path, opts, needle):
+    p = _write(tmp_path / "log.csv", "user,item,timestamp\n1,2,3\n1,3,4\n")
+    with pytest.raises(ValueError) as e:
+        load_dataset(str(p), **opts)
+    assert needle in str(e.value)
+
+
+def test_an_unknown_synthetic_preset_names_the_spec():
+    with pytest.raises(ValueError, match="dataset 'synthetic:nope': unknown synthetic preset"):
+        load_dataset("synthetic:nope")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["explode"], "No such command 'explode'"),
+    (["run", "--seed", "abc"], "'--seed'"),
+    (["data", "describe"], "--data"),
+    (["compare", "x", "--format", "xml"], "'xml'"),
+])
+def test_usage_errors_exit_2_not_as_an_internal_error(args, needle):
+    from cascade.cli import app
+
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and needle in r.output and "internal error" not in r.output, r.output

@@ -170,7 +170,8 @@ class RunConfig:
     warmup: int = 1  # untimed replay batches before timing
     bootstrap: int = 1000  # paired bootstrap resamples
     backend: str = "inprocess"  # inprocess | ray: where replay runs (cascade.backends)
-    ray_address: str | None = None  # ray only: "auto", "ray://host:port", "host:port"; None starts a local Ray
+    # ray only: "auto", "ray://host:port", "host:port"; None starts a local Ray
+    ray_address: str | None = None
     workers: int | None = None  # ray only: replay workers (None: one per CPU of the Ray cluster)
 
     def __post_init__(self) -> None:
@@ -201,7 +202,8 @@ class RunConfig:
         _int(self.oracle_requests, "RunConfig.oracle_requests", minimum=0)
         check_esr_share(self.esr_share)
         if self.backend not in BACKENDS:
-            raise ValueError(f"RunConfig.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise ValueError(f"RunConfig.backend must be one of {', '.join(BACKENDS)}, got "
+                             f"{self.backend!r}")
         _int(self.workers, "RunConfig.workers", minimum=1, optional=True)
         if self.ray_address is not None and (not isinstance(self.ray_address, str)
                                              or not self.ray_address.strip()):

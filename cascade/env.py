@@ -31,8 +31,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def capture(argv: list[str] | None = None) -> dict:
-    """A JSON-able description of this process's environment."""
+def capture(argv: list[str] | None = None, execution: dict | None = None) -> dict:
+    """A JSON-able description of this process's environment; `execution` (a backend's
+    `describe()`: backend, workers and the nodes they ran on) is kept under that key."""
     import torch
 
     try:
@@ -75,4 +76,5 @@ def capture(argv: list[str] | None = None) -> dict:
         "gpu": gpu,
         "torch_threads": torch.get_num_threads(),
         "command": list(sys.argv if argv is None else argv),
+        **({"execution": execution} if execution is not None else {}),
     }

@@ -4,7 +4,8 @@
 1. checks that `--out` can be written (before any work);
 2. builds and fits the funnel (`cascade.session.fit_funnel`: every stage built once, checkpoints
    from the cache);
-3. replays the test traffic through it (`cascade.replay`), optionally with the oracle pass;
+3. replays the test traffic through it (`cascade.replay`), optionally with the oracle pass, in
+   this process or on Ray workers (`cascade.backends`; the backend starts before training);
 4. measures each ESR variant, the paired comparison against the baseline and the reference
    points (`cascade.measure`);
 5. writes the run folder atomically (`cascade.records`); `extras(folder)` may add files (the
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from cascade.backends import make_backend
 from cascade.config import RunConfig
 from cascade.data.dataset import Dataset
 from cascade.env import capture
@@ -38,7 +40,7 @@ from cascade.metrics import (
 )
 from cascade.pipeline import Budgets
 from cascade.records import check_target, write_run
-from cascade.replay import evenly_spaced_rows, replay
+from cascade.replay import evenly_spaced_rows
 from cascade.session import fit_funnel, traffic_key
 
 
@@ -79,20 +81,25 @@ def run_experiment(
         if out is not None:
             check_target(out)
 
-    funnel = fit_funnel(cfg, dataset=dataset, progress=progress, log=say)
-    resolved, budgets = funnel.config, funnel.budgets
-    ds, split, ctx, test = funnel.prepared
-    specs, primary, baseline = funnel.specs, funnel.primary, funnel.baseline
-    if write and out is None:
-        out = _default_out(resolved.name)
-        check_target(out)
+    # the backend starts before training (an unreachable Ray address fails here) and stops its
+    # workers on the way out, Ctrl-C included
+    with make_backend(cfg) as backend:
+        funnel = fit_funnel(cfg, dataset=dataset, progress=progress, log=say)
+        resolved, budgets = funnel.config, funnel.budgets
+        ds, split, ctx, test = funnel.prepared
+        specs, primary, baseline = funnel.specs, funnel.primary, funnel.baseline
+        if write and out is None:
+            out = _default_out(resolved.name)
+            check_target(out)
 
-    rep = replay(
-        funnel.pipeline(), test, batch_size=cfg.batch_size, oracle=cfg.oracle,
-        oracle_rows=evenly_spaced_rows(len(test), cfg.oracle_requests), warmup=cfg.warmup,
-        progress=progress, description=f"replay {len(test):,} requests",
-    )
-    say(f"replayed {len(test):,} requests in {rep.seconds:.1f}s")
+        rep = backend.replay(
+            funnel, test, batch_size=cfg.batch_size, oracle=cfg.oracle,
+            oracle_rows=evenly_spaced_rows(len(test), cfg.oracle_requests), warmup=cfg.warmup,
+            progress=progress, description=f"replay {len(test):,} requests",
+        )
+        execution = backend.describe()
+    say(f"replayed {len(test):,} requests in {rep.seconds:.1f}s"
+        + (f" on {execution['workers']} Ray workers" if execution["backend"] == "ray" else ""))
 
     pop_label = popularity_buckets(ds.item_popularity(split.train))
     frame = rep.requests_frame().with_columns(
@@ -161,6 +168,7 @@ def run_experiment(
         "comparisons": comparisons or None,
         "reference": reference,
         "training": funnel.fits,
+        "execution": execution,  # backend, workers and their nodes
         "seconds": {
             "fit": funnel.fit_seconds,
             "replay": rep.seconds,
@@ -177,7 +185,7 @@ def run_experiment(
             metrics=metrics,
             requests=frame,
             latency=rep.latency,
-            env=capture(),
+            env=capture(execution=execution),
             finish=None if extras is None else (lambda folder: extras(folder, metrics)),
             unique=not cfg.out,
         )

@@ -170,6 +170,18 @@ def _latency_section(run: Run) -> str:
     )
 
 
+def _concurrency(run: Run) -> str:
+    """One sentence when replay ran on several workers at once (`execution` in metrics.json)."""
+    ex = run.metrics.get("execution")
+    if not isinstance(ex, dict) or ex.get("backend") != "ray":
+        return ""
+    nodes = ex.get("nodes") if isinstance(ex.get("nodes"), list) else []
+    hosts = ", ".join(str(n.get("hostname")) for n in nodes if isinstance(n, dict))
+    return (f" Replay ran on {ex.get('workers')} Ray workers at once on {len(nodes)} node(s)"
+            f"{f' ({hosts})' if hosts else ''}; each timed its own batches, so per-stage latency "
+            "under concurrency is per worker, with the workers sharing their node's cores.")
+
+
 def _final_section(run: Run) -> str:
     finals = [m for m in final_metrics() if m.key in run.final_names()]
     rows = []
@@ -349,7 +361,7 @@ def render_report(run: Run, figures: dict[str, str]) -> str:
     out.append("## Funnel\n\n" + _funnel_section(run) + fig("funnel"))
     out.append("## Latency per stage\n\nMilliseconds per batch of requests (the shared "
                "retrieval is counted in every variant); *full funnel* is every stage of a batch "
-               "summed, what a request waits for end to end.\n\n"
+               "summed, what a request waits for end to end." + _concurrency(run) + "\n\n"
                + _latency_section(run) + fig("latency"))
     out.append("## Final metrics\n\n" + _final_section(run))
     for title, section in (

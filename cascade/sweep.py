@@ -3,7 +3,8 @@
 A sweep takes one run configuration (`cascade.config.RunConfig`: data, split, retrieval,
 the ESR choices, LSR) and a grid of budgets: retrieval K x ESR K. Every stage is built and fitted
 ONCE (`cascade.session.fit_funnel`; learned stages also come from their checkpoint cache), then the test traffic is replayed through a `Pipeline` per budget pair
-(`cascade.replay.replay`); all ESR choices ride in the same pipeline, so at each budget pair they
+(`cascade.replay.replay`, in this process or as one task per budget pair on Ray workers:
+`cascade.backends`); all ESR choices ride in the same pipeline, so at each budget pair they
 score the same retrieved candidates. Each (ESR, retrieval K, ESR K) is a point with its final
 quality (NDCG@10 over the test requests) and its full-funnel latency (the per-batch sum of every
 stage, p99 over batches).
@@ -165,9 +166,9 @@ def run_sweep(
     """Fit every stage of `cfg` once, replay the test traffic for each budget pair of the grid
     with all of `cfg`'s ESR choices, and return the points, the frontier and the choice under
     `budget_ms` (see the module docstring). `dataset` skips loading `cfg.data`."""
+    from cascade.backends import make_backend
     from cascade.env import capture
     from cascade.pipeline import Budgets
-    from cascade.replay import replay
     from cascade.session import fit_funnel, traffic_key
 
     if budget_ms is not None and not (isinstance(budget_ms, (int, float))
@@ -175,23 +176,24 @@ def run_sweep(
         raise ValueError(f"--p99-ms must be a positive number of milliseconds, got {budget_ms!r}")
     say = log or (lambda _msg: None)
     t_start = time.perf_counter()
-    funnel = fit_funnel(cfg, dataset=dataset, progress=progress, log=say)
-    ds, split, ctx, test = funnel.prepared
-    specs, esrs = funnel.specs, funnel.esrs
-    pairs, notes = grid_pairs(retrieval_ks, esr_ks, final_k=cfg.final_k, n_items=ds.n_items)
-    say(f"sweep over {len(pairs)} budget pairs x {len(esrs)} ESR choice(s) on {ds.name} "
-        f"({len(test):,} test requests)")
-    fits = {what: f["seconds"] for what, f in funnel.fits.items()}
+    with make_backend(cfg) as backend:  # before training: a bad Ray address fails here
+        funnel = fit_funnel(cfg, dataset=dataset, progress=progress, log=say)
+        ds, split, ctx, test = funnel.prepared
+        specs, esrs = funnel.specs, funnel.esrs
+        pairs, notes = grid_pairs(retrieval_ks, esr_ks, final_k=cfg.final_k, n_items=ds.n_items)
+        say(f"sweep over {len(pairs)} budget pairs x {len(esrs)} ESR choice(s) on {ds.name} "
+            f"({len(test):,} test requests)")
+        fits = {what: f["seconds"] for what, f in funnel.fits.items()}
 
-    rows = []
-    t_replay = time.perf_counter()
-    for r_k, e_k in pairs:
-        budgets = Budgets(retrieval=r_k, esr=e_k, final=cfg.final_k)
-        rep = replay(funnel.pipeline(budgets), test, batch_size=cfg.batch_size, oracle=False, warmup=cfg.warmup,
-                     progress=progress, description=f"retrieval {r_k} -> esr {e_k}")
-        frame = rep.requests_frame()
-        for label in esrs:
-            rows.append({
+        by_point: dict[int, list[dict]] = {}
+        t_replay = time.perf_counter()
+        points = [Budgets(retrieval=r_k, esr=e_k, final=cfg.final_k) for r_k, e_k in pairs]
+        # each budget point is one replay (a task per point on Ray), in the order they finish
+        for i, rep in backend.replay_points(funnel, test, points, batch_size=cfg.batch_size,
+                                            warmup=cfg.warmup, progress=progress):
+            r_k, e_k = pairs[i]
+            frame = rep.requests_frame()
+            by_point[i] = [{
                 "label": f"{label} r{r_k} e{e_k}",
                 "esr": label,
                 "esr_stage": specs[label].stage,
@@ -199,10 +201,12 @@ def run_sweep(
                 "esr_k": e_k,
                 "final_k": cfg.final_k,
                 **_point_metrics(frame, rep.latency, label),
-            })
-        say(f"retrieval {r_k} -> esr {e_k}: " + ", ".join(
-            f"{x['esr']} {QUALITY} {x[QUALITY]:.4f} p99 {x[LATENCY]:.2f} ms"
-            for x in rows[-len(esrs):]))
+            } for label in esrs]
+            say(f"retrieval {r_k} -> esr {e_k}: " + ", ".join(
+                f"{x['esr']} {QUALITY} {x[QUALITY]:.4f} p99 {x[LATENCY]:.2f} ms"
+                for x in by_point[i]))
+        execution = backend.describe()
+    rows = [row for i in sorted(by_point) for row in by_point[i]]
     points = pl.DataFrame(rows)
     points = points.with_columns(
         pl.Series("frontier", frontier_mask(points[QUALITY].to_numpy(),
@@ -218,7 +222,8 @@ def run_sweep(
         "grid": {"retrieval_k": sorted({p[0] for p in pairs}),
                  "esr_k": sorted({p[1] for p in pairs}), "final_k": cfg.final_k},
         "device": str(ctx.device),
-        "env": capture(),
+        "env": capture(execution=execution),
+        "execution": execution,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "fit_seconds": fits,

@@ -10,6 +10,9 @@
   + time-gap-bucket embedding (+ optional recency-position embedding), zero at padding. This is
   the "MoA Config" feature fusion of GESR (shared/GESR.md) on public data.
 
+`id_embedding_tables` finds a model's item and user id tables (sparse gradients train only the
+rows a batch touches).
+
 Training-data helpers used by several stages: `recent_history` (cut histories), `subsample`
 (cheap validation), `sequence_windows` (SASRec-style all-positions training), `NegativeSampler`
 (uniform + popularity negatives with the sampled-softmax logQ correction) and
@@ -215,6 +218,19 @@ class HistoryTokenEmbedder(nn.Module):
 
     def forward(self, batch: RequestBatch) -> Tensor:
         return self.embed(batch.hist_items, batch.hist_actions, batch.hist_gaps, batch.hist_len)
+
+
+def id_embedding_tables(model: nn.Module, n_items: int, n_users: int) -> list[nn.Embedding]:
+    """The model's id embedding tables: `nn.Embedding`s with one row per item or per user (plus
+    one padding row at most). A training step touches only the rows of its batch, which is what
+    sparse gradients (`TrainConfig.sparse_embeddings`) exploit; feature, position and action
+    tables are small and stay dense. Each table once, even when shared."""
+    sizes = {n_items, n_items + 1, n_users, n_users + 1}
+    out: dict[int, nn.Embedding] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m.num_embeddings in sizes and m.max_norm is None:
+            out.setdefault(id(m.weight), m)
+    return list(out.values())
 
 
 def exclude_history_(scores: Tensor, batch: RequestBatch) -> Tensor:

@@ -17,6 +17,7 @@ and training report, loaded with `weights_only=True`, both written atomically
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from cascade.data.traffic import RequestBatch, Traffic
 from cascade.stages.base import FitContext
+from cascade.stages.features import id_embedding_tables
 from cascade.util.fsio import atomic_write_bytes
 
 
@@ -48,6 +50,11 @@ class TrainConfig:
     patience: int = 2  # epochs without validation improvement before stopping
     max_steps_per_epoch: int | None = None  # cap for large logs
     grad_clip: float = 5.0
+    # item/user id tables (`features.id_embedding_tables`) get sparse gradients and SparseAdam
+    # (no weight decay), the rest AdamW: a step then costs the rows its batch touches, not the
+    # whole catalogue. Off by default: it changes the numbers (SparseAdam leaves rows without a
+    # gradient alone, where Adam's momentum keeps moving them).
+    sparse_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -55,6 +62,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not isinstance(self.sparse_embeddings, bool):
+            raise ValueError("TrainConfig.sparse_embeddings must be true or false, got "
+                             f"{self.sparse_embeddings!r}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(
                 f"TrainConfig.max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}"
@@ -173,6 +183,47 @@ def cached_fit(
     return {**report, "cached": False}
 
 
+class Optimizer:
+    """AdamW over every parameter or, given sparse id tables, `SparseAdam` over those and AdamW
+    over the rest, driven as one. Gradient clipping is by the global norm either way
+    (`nn.utils.clip_grad_norm_` cannot read sparse gradients, so the sparse path computes it)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, tables: list[nn.Embedding]) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sparse = [t.weight for t in tables]
+        ids = {id(p) for p in self.sparse}
+        dense = [p for p in self.params if id(p) not in ids]
+        self.opts: list[torch.optim.Optimizer] = []
+        if self.sparse:
+            self.opts.append(torch.optim.SparseAdam(self.sparse, lr=cfg.lr))
+        if dense or not self.sparse:
+            self.opts.append(torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
+
+    def zero_grad(self) -> None:
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+
+    def clip(self, max_norm: float) -> None:
+        if not self.sparse:
+            nn.utils.clip_grad_norm_(self.params, max_norm)
+            return
+        for p in self.sparse:  # one row per index (and rows a dense use touched, as sparse rows)
+            if p.grad is not None:
+                p.grad = p.grad.coalesce() if p.grad.is_sparse else p.grad.to_sparse(1)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.sqrt(sum(
+            (g._values() if g.is_sparse else g).float().pow(2).sum() for g in grads
+        )) if grads else torch.tensor(0.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad = p.grad * coef.to(p.grad.device) if p.grad.is_sparse else p.grad.mul_(coef)
+
+    def step(self) -> None:
+        for opt in self.opts:
+            opt.step()
+
+
 def fit_model(
     model: nn.Module,
     loss_fn: Callable[[RequestBatch, torch.Generator], Tensor],
@@ -183,21 +234,27 @@ def fit_model(
     desc: str,
     train: Traffic | None = None,
 ) -> dict:
-    """Train `model` in place with AdamW and early stopping; restore the best epoch's weights.
-    Returns a report: epochs run, best epoch, best validation metric, seconds, final loss."""
+    """Train `model` in place with AdamW (with `cfg.sparse_embeddings`: SparseAdam for the id
+    tables) and early stopping; restore the best epoch's weights. Returns a report: epochs run,
+    best epoch, best validation metric, seconds, final loss."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     traffic = ctx.train if train is None else train
     gen = seed_everything(ctx.seed)
     model.to(ctx.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tables = []
+    if cfg.sparse_embeddings:
+        tables = id_embedding_tables(model, ctx.dataset.n_items, ctx.dataset.n_users)
+    opt = Optimizer(model, cfg, tables)
     steps = traffic.n_batches(cfg.batch_size)
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
     best, best_epoch, best_state, bad = -math.inf, -1, None, 0
     history: list[dict] = []
     t0 = time.perf_counter()
-    with Progress(
+    for t in tables:  # serving is unchanged: only the backward pass differs
+        t.sparse = True
+    with _dense_afterwards(tables), Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
@@ -218,10 +275,10 @@ def fit_model(
                 loss = loss_fn(batch.to(ctx.device), gen)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{desc}: training loss became {loss.item()} at epoch {epoch}")
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.clip(cfg.grad_clip)
                 opt.step()
                 total += float(loss.detach())
                 n += 1
@@ -248,6 +305,15 @@ def fit_model(
         "seconds": time.perf_counter() - t0,
         "history": history,
     }
+
+
+@contextlib.contextmanager
+def _dense_afterwards(tables: list[nn.Embedding]):
+    try:
+        yield
+    finally:
+        for t in tables:
+            t.sparse = False
 
 
 @torch.no_grad()

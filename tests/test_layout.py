@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"cascade": "cascade", "cascade.stages": "stages", "cascade.data": "data",
            "cascade.kernels": "kernels"}
 ENGINE = {"config", "pipeline", "metrics", "replay", "session", "measure", "experiment",
-          "records", "env"}
+          "records", "env", "backends"}
 REPORTING = {"report", "figures", "compare", "sweep", "ablation"}
 LAYERS = {"util": 0, "data": 1, "kernels": 2, "stages": 3, "engine": 4, "reporting": 5, "cli": 6}
 

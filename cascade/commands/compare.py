@@ -125,6 +125,12 @@ def sweep(
     batch_size: Annotated[Optional[int], typer.Option(help="Replay batch size.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Trained-stage cache.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress output.")] = False,
+    backend: Annotated[Optional[str], typer.Option(
+        help="Where replay runs: inprocess (default) or ray (each budget point a task).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="With --backend ray: auto, ray://host:port or host:port (default: a local Ray).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="With --backend ray: replay workers (default one per CPU).")] = None,
 ) -> None:
     """Sweep retrieval K x ESR K for one or more ESRs under a latency budget.
 
@@ -143,6 +149,7 @@ def sweep(
         data=data, retrieval=retrieval, lsr=lsr, final_k=final_k, index=index,
         device=device, seed=seed, max_requests=max_requests, batch_size=batch_size,
         cache_dir=cache_dir, esr_variants=_esr_specs(esr) if esr else None,
+        backend=backend, ray_address=ray_address, workers=workers,
     ))
     res = sw.run_sweep(cfg, retrieval_ks=r_ks, esr_ks=e_ks, budget_ms=p99_ms,
                        progress=not no_progress,

@@ -200,6 +200,9 @@ def register(app: typer.Typer) -> None:
         no_reference: Annotated[bool, typer.Option("--no-reference", help="Skip the full-catalogue LSR and most-popular reference points.")] = False,
         reference_requests: Annotated[int | None, typer.Option(help="Test requests the full-catalogue reference scores (default 500, evenly spaced; 0 = all).")] = None,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars or log lines.")] = False,
+        backend: Annotated[str | None, typer.Option(help="Where replay runs: inprocess (default) or ray (pip install -e \".[ray]\").")] = None,
+        ray_address: Annotated[str | None, typer.Option(help="With --backend ray: auto, ray://host:port or host:port (default: start a local Ray).")] = None,
+        workers: Annotated[int | None, typer.Option(help="With --backend ray: replay workers (default one per CPU of the Ray cluster).")] = None,
     ) -> None:
         """Train (or load) retrieval, the ESR(s) and the LSR, replay the test traffic through the
         funnel, print recall through it and per-stage latency, and save the run folder."""
@@ -215,6 +218,7 @@ def register(app: typer.Typer) -> None:
                     oracle=False if no_oracle else None,
                     reference=False if no_reference else None,
                     reference_requests=reference_requests, oracle_requests=oracle_requests,
+                    backend=backend, ray_address=ray_address, workers=workers,
                 ),
             ),
             no_progress,

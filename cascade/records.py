@@ -307,7 +307,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return str(self.metrics.get("name") or self.path.name)
+        return str(self.metrics.get("name") or self.path.name)[:200]  # as config caps it
 
     @property
     def variants(self) -> list[str]:

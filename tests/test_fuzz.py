@@ -502,3 +502,16 @@ def test_a_damaged_parquet_column_is_refused_by_name_or_survived(good_run, file,
         changed.write_parquet(run / file)
         for command in ("compare", "report"):
             assert_clean(cli(command, str(run)), str(run), accept=True)
+
+
+def test_a_huge_run_name_is_cut_for_reports_and_figures(good_run, tmp_path):
+    """A hand-edited name of 100,000 characters once kept `cascade report` drawing a figure
+    title for minutes; the name a run folder shows is cut to the 200 bytes a config allows."""
+    run = Path(shutil.copytree(good_run, tmp_path / "run"))
+    doc = json.loads((run / "metrics.json").read_text())
+    doc["name"] = "x" * 100_000
+    (run / "metrics.json").write_text(json.dumps(doc))
+    res = cli("report", str(run))
+    assert res.exit_code == 0, res.output
+    title = (run / "report.md").read_text().splitlines()[0]
+    assert title.startswith(f"# cascade run `{'x' * 200}` (")

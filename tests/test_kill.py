@@ -30,13 +30,13 @@ import polars as pl
 
 CONFIG = """\
 data = "synthetic:tiny"
-retrieval = {stage = "twotower", config = {dim = 16, train = {epochs = 2, max_steps_per_epoch = 8}}}
+retrieval = {stage = "twotower", config = {dim = 16, train = {epochs = 1, max_steps_per_epoch = 5}}}
 esr = "popular"
-lsr = {stage = "lsr", config = {dim = 16, train = {epochs = 2, max_steps_per_epoch = 8}}}
+lsr = {stage = "lsr", config = {dim = 16, train = {epochs = 1, max_steps_per_epoch = 5}}}
 oracle = false
 reference = false
 [split]
-max_requests = 100
+max_requests = 50
 """
 
 

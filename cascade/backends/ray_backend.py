@@ -126,6 +126,7 @@ class RayBackend(Backend):
         self._pids: list[int] = []  # each worker's current process
         self._infos: list[dict] = []
         self._data = None  # the pickled dataset in the object store
+        self.last_pass: dict[str, Any] | None = None  # timing of the latest `replay`
         self._restarts = 0
         self._reassigned = 0
 
@@ -148,9 +149,11 @@ class RayBackend(Backend):
         self._owns_ray = True
 
     def close(self) -> None:
-        self.close_workers()
         if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+            ray.shutdown()  # the local Ray this backend started goes, its workers with it
+            self._actors, self._funnel, self._pids, self._data = [], None, [], None
+        else:
+            self.close_workers()
         self._owns_ray = False
 
     def start_workers(self, funnel) -> list[Any]:
@@ -285,8 +288,13 @@ class RayBackend(Backend):
         parts = {t.shard: rep for t, rep in self._run(
             funnel, traffic, tasks, batch_size=batch_size, oracle=oracle,
             oracle_rows=oracle_rows, warmup=warmup, progress=progress, description=description)}
+        wall = time.perf_counter() - t0
+        # what the pass cost beyond the workers' own replay loops (shipping shards, rebuilding
+        # their traffic, returning and merging results): Ray's overhead, for benchmarks
+        self.last_pass = {"wall_s": wall, "shards": len(bounds),
+                          "worker_replay_s": sum(p.seconds for p in parts.values())}
         return merge_shards(parts, bounds, traffic, batch_size=batch_size,
-                            oracle_rows=oracle_rows, seconds=time.perf_counter() - t0)
+                            oracle_rows=oracle_rows, seconds=wall)
 
     def replay_points(self, funnel, traffic, points, *, batch_size=256, warmup=1,
                       progress=True):

@@ -212,11 +212,11 @@ def entry_values(run: Run, variant: str) -> dict[str, float]:
     """Summary values of one entry, keyed like `Row.key`."""
     v = run.metrics["variants"][variant]
     out: dict[str, float] = {}
-    for s in v["stages"]:
+    for s in v["stages"]:  # a null (no request had a target to find) stays out: shown as missing
         out[f"k@{s['name']}"] = float(s["k"])
-        out[f"recall@{s['name']}"] = float(s["recall"])
-    for k, x in v["final"].items():
-        out[k] = float(x)
+        if s["recall"] is not None:
+            out[f"recall@{s['name']}"] = float(s["recall"])
+    out.update((k, float(x)) for k, x in v["final"].items() if x is not None)
     lat = run.stage_latency().filter(pl.col("variant") == variant)
     stats = lat.group_by("stage").agg(
         pl.col("ms").quantile(0.5, "linear").alias("p50"),

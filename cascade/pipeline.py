@@ -192,8 +192,11 @@ class Pipeline:
         shape = (len(batch), self.budgets.retrieval)
         if tuple(ids.shape) != shape:
             raise StageError(f"stage {name!r} returned ids of shape {tuple(ids.shape)}, expected {shape}")
-        if ids.dtype.is_floating_point:
+        if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
             raise StageError(f"stage {name!r} returned {ids.dtype} ids, expected int64")
+        if ids.device.type == "meta":
+            raise StageError(f"stage {name!r} returned ids on the 'meta' device (no values), "
+                             f"expected a tensor holding item ids")
         # -1 pads a row when fewer unseen items than the budget exist at all
         bad = (ids < -1) | (ids >= n_items) if n_items is not None else ids < -1
         if bool(bad.any()):

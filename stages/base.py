@@ -237,6 +237,9 @@ def check_scores(stage_name: str, scores: object, shape: tuple[int, int]) -> Ten
         )
     if scores.is_complex() or scores.dtype == torch.bool:
         raise StageError(f"stage {stage_name!r} returned {scores.dtype} scores, expected real numbers")
+    if scores.device.type == "meta":  # shapes only, no values to rank
+        raise StageError(f"stage {stage_name!r} returned scores on the 'meta' device (no values), "
+                         f"expected a tensor holding numbers")
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).sum())
         raise StageError(f"stage {stage_name!r} returned {bad} NaN/inf scores")

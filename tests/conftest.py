@@ -4,11 +4,17 @@ machine without a GPU the real Triton kernels run through the interpreter."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: one thread each, for
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # it and the cascade runs it starts, else
+    #                                                the workers' torch threads fight for the cores
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml-100k"
 

@@ -209,7 +209,9 @@ def builtin_stage_specs(epochs: int = 1, steps: int = 30) -> dict:
     """TOML-ready stage tables for the built-in funnel (retrieval twotower, ESR gesr vs twotower,
     LSR lsr), each trained briefly."""
     def brief(stage: str) -> dict:
-        return {"stage": stage, "config": {"train": {"epochs": epochs, "max_steps_per_epoch": steps}}}
+        train = {"epochs": epochs, "max_steps_per_epoch": steps}
+        config = {"train": train, **({"pretrain": train} if stage == "gesr" else {})}
+        return {"stage": stage, "config": config}
 
     return {"retrieval": brief("twotower"), "esr": brief("gesr"),
             "esr_baseline": brief("twotower"), "lsr": brief("lsr")}

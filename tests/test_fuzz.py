@@ -370,10 +370,13 @@ RAISES = ["ValueError('bad value')", "KeyError('col')", "RuntimeError('boom')",
 RETURNS = ["torch.zeros(len(batch), 3)", "torch.zeros(candidates.shape[1])",
            "torch.full(candidates.shape, float('nan'))", "torch.full(candidates.shape, float('inf'))",
            "None", "candidates.tolist()", "'high'", "(-candidates.float()).numpy()",
-           "torch.zeros(candidates.shape[0], candidates.shape[1], 2)"]
+           "torch.zeros(candidates.shape[0], candidates.shape[1], 2)",
+           "torch.zeros(candidates.shape, device='meta')",
+           "torch.ones(candidates.shape, dtype=torch.complex64)"]
 RETRIEVE = ["torch.zeros(len(batch), k, dtype=torch.long)", "torch.arange(k).repeat(len(batch), 1) + 10**6",
             "torch.arange(k - 1).repeat(len(batch), 1)", "torch.arange(k).repeat(len(batch), 1).float()",
-            "None", "[[0] * k] * len(batch)", "torch.arange(k).repeat(len(batch) + 1, 1)"]
+            "None", "[[0] * k] * len(batch)", "torch.arange(k).repeat(len(batch) + 1, 1)",
+            "torch.zeros(len(batch), k, dtype=torch.long, device='meta')"]
 
 PLUGIN = '''
 import sys

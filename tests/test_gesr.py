@@ -456,7 +456,7 @@ def test_mlpg_fused_logit_equals_the_formula():
     torch.testing.assert_close(m(l0, gu, gi, embs), want, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_serving_matches_eager_and_does_not_change_the_checkpoint(trained, synth_ctx):
+def _compiled_matches_eager(eager_stage: GESRStage, ctx: FitContext) -> None:
     """compile=True runs the same scoring through torch.compile (Inductor): the same scores,
     a batch larger than one scoring group (so the smaller last group goes through the dynamic
     shapes), and the same cached checkpoint (compile is serving-only, not part of the key)."""
@@ -465,15 +465,30 @@ def test_compiled_serving_matches_eager_and_does_not_change_the_checkpoint(train
     from torch._dynamo.utils import counters
 
     # 72 // 24 = 3 requests per scoring group: 11 requests make groups of 3, 3, 3 and 2
-    cfg = dataclasses.replace(trained.config, compile=True, score_chunk_pairs=72)
-    stage = GESRStage(cfg).fit(synth_ctx)
+    cfg = dataclasses.replace(eager_stage.config, compile=True, score_chunk_pairs=72)
+    stage = GESRStage(cfg).fit(ctx)
     assert stage.fit_report_["cached"] is True  # same checkpoint as the eager stage's
-    batch = synth_ctx.valid.batch(np.arange(11))
-    cand = torch.randint(0, synth_ctx.dataset.n_items, (11, 24), generator=torch.Generator().manual_seed(3))
-    eager = trained.score(batch, cand)
+    batch = ctx.valid.batch(np.arange(11))
+    cand = torch.randint(0, ctx.dataset.n_items, (11, 24), generator=torch.Generator().manual_seed(3))
+    eager = eager_stage.score(batch, cand)
     graphs = counters["stats"]["unique_graphs"]
     compiled = stage.score(batch, cand)
     assert stage._compiled is not None and stage._compiled != stage.model_.score  # no fallback
     assert counters["stats"]["unique_graphs"] > graphs  # dynamo really captured the scoring
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert not torch.equal(stage.score(batch, cand.flip(1)), compiled)  # a real function of cand
+
+
+def test_compiled_serving_matches_eager_and_does_not_change_the_checkpoint(synth_ctx):
+    """The compile path on GESR's towers (its primary logit, every MoA module off): ~25 s of
+    Inductor on 2 cores with a cold cache. The full model's compile is `-m heavy` (below)."""
+    towers = dict(TRAIN_CFG, moa=MoAConfig.two_tower(),
+                  pretrain=dict(TRAIN_CFG["pretrain"], epochs=1, max_steps_per_epoch=5))
+    _compiled_matches_eager(GESRStage(GESRConfig(**towers)).fit(synth_ctx), synth_ctx)
+
+
+@pytest.mark.heavy
+def test_the_full_model_compiled_matches_eager(trained, synth_ctx):
+    """Every MoA module through Inductor: ~160 s of compilation on 2 cores with a cold cache, so
+    outside the default suite (`python -m pytest -m heavy`)."""
+    _compiled_matches_eager(trained, synth_ctx)

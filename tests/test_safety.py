@@ -306,6 +306,32 @@ def test_damaged_run_folders_are_refused_by_compare_and_report(tmp_path):
     _assert_user_error(_cli("compare", str(run)), "metrics.json: not a regular file")
 
 
+def test_null_metrics_are_shown_as_missing_by_compare_and_report(tmp_path):
+    """A null final metric or stage recall (nothing to measure) is a gap in the tables, not an
+    internal error (found by experiments/fuzz_cli.py)."""
+    run = _good_run(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    variant = next(iter(metrics["variants"].values()))
+    metric = next(iter(variant["final"]))
+    variant["final"][metric] = None
+    variant["stages"][0]["recall"] = None
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for cmd in (["compare", str(run), "--format", "json"], ["report", str(run)]):
+        res = _cli(*cmd)
+        assert res.exit_code == 0 and "internal error" not in res.output, res.output
+    table = json.loads(_cli("compare", str(run), "--format", "json").output)
+    assert metric in json.dumps(table)
+
+
+def test_scores_or_ids_on_the_meta_device_are_refused_by_name():
+    import torch
+
+    from cascade.stages.base import StageError, check_scores
+
+    with pytest.raises(StageError, match="'meta' device"):
+        check_scores("esr 'm'", torch.zeros(2, 3, device="meta"), (2, 3))
+
+
 # ---- a damaged checkpoint heals (defect 5) ---------------------------------------------------------
 
 

@@ -97,9 +97,23 @@ def run_experiment(
             oracle_rows=evenly_spaced_rows(len(test), cfg.oracle_requests), warmup=cfg.warmup,
             progress=progress, description=f"replay {len(test):,} requests",
         )
+        # the reference (the LSR over the whole catalogue) on the same backend's workers
+        reference, ids, ref_seconds = None, None, 0.0
+        if cfg.reference:
+            t_ref = time.perf_counter()
+            reference, ids = reference_metrics(
+                funnel.lsr, funnel.prepared, exclude_seen=ctx.exclude_seen,
+                batch_size=cfg.batch_size, final_k=budgets.final, progress=progress,
+                n_requests=cfg.reference_requests,
+                lsr_ranks=lambda t: backend.reference_ranks(
+                    funnel, t, batch_size=cfg.batch_size, progress=progress),
+            )
+            ref_seconds = time.perf_counter() - t_ref
         execution = backend.describe()
     say(f"replayed {len(test):,} requests in {rep.seconds:.1f}s"
         + (f" on {execution['workers']} Ray workers" if execution["backend"] == "ray" else ""))
+    if reference is not None:
+        say(f"reference metrics in {ref_seconds:.1f}s")
 
     pop_label = popularity_buckets(ds.item_popularity(split.train))
     frame = rep.requests_frame().with_columns(
@@ -114,13 +128,7 @@ def run_experiment(
         label: compare_variants(frame, label, baseline, n_resamples=cfg.bootstrap, seed=cfg.seed)
         for label in specs if baseline is not None and label != baseline
     }
-    reference, ref_seconds = None, 0.0
-    if cfg.reference:
-        t_ref = time.perf_counter()
-        reference, ids = reference_metrics(
-            funnel.lsr, funnel.prepared, exclude_seen=ctx.exclude_seen, batch_size=cfg.batch_size,
-            final_k=budgets.final, progress=progress, n_requests=cfg.reference_requests,
-        )
+    if reference is not None:
         full = reference["lsr_full_catalogue"]
         keys = [m.key for m in final_metrics()]
         for label, v in variants.items():  # the funnel's share of what the LSR alone achieves,
@@ -134,8 +142,6 @@ def run_experiment(
             v["vs_lsr_full_catalogue"] = {
                 k: (same[k] / full[k] if full[k] and same.get(k) is not None else None) for k in keys
             }
-        ref_seconds = time.perf_counter() - t_ref
-        say(f"reference metrics in {ref_seconds:.1f}s")
 
     metrics = {
         "name": resolved.name,

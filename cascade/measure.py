@@ -52,6 +52,19 @@ def _score_all_fn(ranker: Any, n_items: int, device: torch.device) -> Callable:
     return score_all
 
 
+def lsr_catalogue_ranks(
+    lsr: Any, traffic: Traffic, *, exclude_seen: bool, batch_size: int, device: torch.device,
+    progress: bool = False,
+) -> np.ndarray:
+    """(R, T) ranks of each request's targets among the whole catalogue under the LSR (the
+    full-catalogue reference's own numbers)."""
+    return full_catalogue_ranks(
+        _score_all_fn(lsr, traffic.dataset.n_items, device), traffic, batch_size=batch_size,
+        exclude_seen=exclude_seen, device=device, progress=progress,
+        description="LSR over the full catalogue",
+    )
+
+
 def reference_metrics(
     lsr: Any,
     prepared: Prepared,
@@ -61,21 +74,23 @@ def reference_metrics(
     final_k: int,
     progress: bool,
     n_requests: int = 0,
+    lsr_ranks: Callable[[Traffic], np.ndarray] | None = None,
 ) -> tuple[dict, np.ndarray]:
     """HR@10 / NDCG@10 / MRR of the LSR scoring the whole catalogue and of most-popular
     (training counts), with the same seen-item exclusion as retrieval, over `n_requests` evenly
-    spaced test requests (0 or more than there are: all). Returns the metrics and the ids of
-    the requests scored."""
+    spaced test requests (0 or more than there are: all). `lsr_ranks(traffic)` computes the
+    LSR's ranks elsewhere (a backend's workers); by default `lsr_catalogue_ranks` here. Returns
+    the metrics and the ids of the requests scored."""
     ds, split, ctx, test = prepared
     if 0 < n_requests < len(test):
         rows = np.flatnonzero(evenly_spaced_rows(len(test), n_requests))
         test = Traffic(ds, split.test[rows], max_len=test.max_len)
     valid = test.targets >= 0
-    lsr_ranks = full_catalogue_ranks(
-        _score_all_fn(lsr, ds.n_items, ctx.device), test, batch_size=batch_size,
-        exclude_seen=exclude_seen, device=ctx.device, progress=progress,
-        description="LSR over the full catalogue",
-    )
+    if lsr_ranks is None:
+        lsr_ranks = lambda t: lsr_catalogue_ranks(  # noqa: E731
+            lsr, t, exclude_seen=exclude_seen, batch_size=batch_size, device=ctx.device,
+            progress=progress)
+    lsr_ranks = lsr_ranks(test)
     pop = torch.as_tensor(ds.item_popularity(split.train), dtype=torch.float32, device=ctx.device)
     pop_ranks = full_catalogue_ranks(
         lambda batch: pop[None, :].expand(len(batch), -1), test, batch_size=batch_size,

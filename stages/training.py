@@ -52,9 +52,10 @@ class TrainConfig:
     grad_clip: float = 5.0
     # item/user id tables (`features.id_embedding_tables`) get sparse gradients and SparseAdam
     # (no weight decay), the rest AdamW: a step then costs the rows its batch touches, not the
-    # whole catalogue. Off by default: it changes the numbers (SparseAdam leaves rows without a
-    # gradient alone, where Adam's momentum keeps moving them).
-    sparse_embeddings: bool = False
+    # whole catalogue. None (auto): on from SPARSE_AUTO_ITEMS items up, where dense AdamW over
+    # every row dominates a step; off below, where it would change the numbers for little
+    # (SparseAdam leaves rows without a gradient alone, where Adam's momentum keeps moving them).
+    sparse_embeddings: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -62,13 +63,24 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if not isinstance(self.sparse_embeddings, bool):
-            raise ValueError("TrainConfig.sparse_embeddings must be true or false, got "
+        if self.sparse_embeddings is not None and not isinstance(self.sparse_embeddings, bool):
+            raise ValueError("TrainConfig.sparse_embeddings must be true, false or left out (auto), got "
                              f"{self.sparse_embeddings!r}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(
                 f"TrainConfig.max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}"
             )
+
+
+SPARSE_AUTO_ITEMS = 100_000  # `TrainConfig.sparse_embeddings` None: sparse from this many items
+
+
+def uses_sparse_embeddings(cfg: TrainConfig, n_items: int) -> bool:
+    """Whether `fit_model` trains the id tables with sparse gradients (the config's choice, or
+    auto: catalogues of `SPARSE_AUTO_ITEMS` items and more)."""
+    if cfg.sparse_embeddings is not None:
+        return cfg.sparse_embeddings
+    return n_items >= SPARSE_AUTO_ITEMS
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -243,7 +255,8 @@ def fit_model(
     gen = seed_everything(ctx.seed)
     model.to(ctx.device)
     tables = []
-    if cfg.sparse_embeddings:
+    sparse = uses_sparse_embeddings(cfg, ctx.dataset.n_items)
+    if sparse:
         tables = id_embedding_tables(model, ctx.dataset.n_items, ctx.dataset.n_users)
     opt = Optimizer(model, cfg, tables)
     steps = traffic.n_batches(cfg.batch_size)
@@ -252,6 +265,7 @@ def fit_model(
     best, best_epoch, best_state, bad = -math.inf, -1, None, 0
     history: list[dict] = []
     t0 = time.perf_counter()
+    step_s = opt_s = 0.0  # time in training steps, and in the optimiser's part of them
     for t in tables:  # serving is unchanged: only the backward pass differs
         t.sparse = True
     with _dense_afterwards(tables), Progress(
@@ -272,15 +286,21 @@ def fit_model(
             ):
                 if step >= steps:
                     break
+                ts = time.perf_counter()
                 loss = loss_fn(batch.to(ctx.device), gen)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{desc}: training loss became {loss.item()} at epoch {epoch}")
+                to = time.perf_counter()
                 opt.zero_grad()
+                to = time.perf_counter() - to
                 loss.backward()
+                tc = time.perf_counter()
                 if cfg.grad_clip:
                     opt.clip(cfg.grad_clip)
                 opt.step()
+                opt_s += to + time.perf_counter() - tc
                 total += float(loss.detach())
+                step_s += time.perf_counter() - ts
                 n += 1
                 bar.advance(task)
             model.eval()
@@ -303,6 +323,9 @@ def fit_model(
         "best_epoch": best_epoch,
         "best_valid": best,
         "seconds": time.perf_counter() - t0,
+        "train_step_s": step_s,  # the steps alone (no validation)
+        "optimizer_s": opt_s,  # zero_grad, clipping and the optimiser steps within them
+        "sparse_embeddings": sparse,
         "history": history,
     }
 

@@ -105,6 +105,27 @@ def test_run_on_ray_gives_the_in_process_ranks_metrics_and_intervals(runs):
         here.latency.select("variant", "stage", "batch").sort(pl.all()))
 
 
+def test_the_reference_is_scored_by_the_workers_with_the_in_process_ranks(cfg, runs):
+    """The full-catalogue reference runs on the workers (the driver's LSR is never asked), in
+    shards, and gives the in-process ranks."""
+    import numpy as np
+
+    here, on_ray = runs
+    assert on_ray.metrics["reference"] == here.metrics["reference"]
+    funnel = fit_funnel(cfg, progress=False)
+    test = funnel.prepared.test
+    want = InProcessBackend().reference_ranks(funnel, test, batch_size=BATCH, progress=False)
+    calls = []
+    original = funnel.lsr.score_all
+    funnel.lsr.score_all = lambda *a, **k: calls.append(1) or original(*a, **k)
+    with RayBackend(workers=2) as backend:
+        got = backend.reference_ranks(funnel, test, batch_size=BATCH, progress=False)
+        assert backend.describe()["workers"] == 2
+    assert calls == []  # not one batch scored by the driver
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (len(test), test.targets.shape[1]) and (got[:, 0] >= 0).any()
+
+
 def test_run_records_workers_nodes_and_per_worker_latency(runs):
     here, on_ray = runs
     ex = on_ray.metrics["execution"]

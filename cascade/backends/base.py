@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cascade.measure import lsr_catalogue_ranks
 from cascade.pipeline import Budgets
 from cascade.replay import ReplayResult, replay
 
@@ -52,6 +53,15 @@ class Backend:
         """The replay of `traffic` at each budget point (a sweep), without the oracle pass, as
         (point index, result) pairs in the order they finish."""
         raise NotImplementedError
+
+    def reference_ranks(
+        self, funnel: Funnel, traffic: Traffic, *, batch_size: int = 256, progress: bool = True,
+    ) -> np.ndarray:
+        """(R, T) ranks of `traffic`'s targets under `funnel`'s LSR over the whole catalogue (the
+        run's reference), seen items excluded as the run excludes them."""
+        ctx = funnel.prepared.ctx
+        return lsr_catalogue_ranks(funnel.lsr, traffic, exclude_seen=ctx.exclude_seen,
+                                   batch_size=batch_size, device=ctx.device, progress=progress)
 
     def describe(self) -> dict[str, Any]:
         """What ran the replay, for metrics.json and env.json: backend, workers, nodes."""

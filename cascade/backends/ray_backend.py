@@ -103,9 +103,10 @@ class _Task:
     start: int
     stop: int
     budgets: Budgets
+    what: str = "replay"  # or "reference": the LSR over the whole catalogue
 
     def describe(self) -> str:
-        return f"replay shard {self.shard} (requests {self.start}..{self.stop - 1})"
+        return f"{self.what} shard {self.shard} (requests {self.start}..{self.stop - 1})"
 
 
 class RayBackend(Backend):
@@ -216,11 +217,10 @@ class RayBackend(Backend):
         }
 
     # -- running shards ----------------------------------------------------------------------
-    def _run(self, funnel, traffic, tasks: Sequence[_Task], *, batch_size: int, oracle: bool,
-             oracle_rows: np.ndarray | None, warmup: int, progress: bool,
-             description: str) -> Iterator[tuple[_Task, ReplayResult]]:
-        """Run every task on the workers, one at a time per worker; yield each result as it
-        arrives."""
+    def _run(self, funnel, tasks: Sequence[_Task], submit: Callable[[Any, _Task], Any], *,
+             progress: bool, description: str) -> Iterator[tuple[_Task, Any]]:
+        """Run every task on the workers, one at a time per worker (`submit(actor, task)` sends
+        it and returns the call's ObjectRef); yield each result as it arrives."""
         actors = self.start_workers(funnel)
         queue, idle = deque(tasks), deque(range(len(actors)))
         dead: set[int] = set()
@@ -231,11 +231,7 @@ class RayBackend(Backend):
             while queue or in_flight:
                 while queue and idle:
                     t, w = queue.popleft(), idle.popleft()
-                    rows = None if oracle_rows is None else oracle_rows[t.start:t.stop]
-                    ref = actors[w].replay_shard.remote(
-                        [self._data], request_table(traffic, t.start, t.stop), traffic.max_len,
-                        t.budgets, batch_size, oracle, rows, warmup)
-                    in_flight[ref] = (t, w)
+                    in_flight[submit(actors[w], t)] = (t, w)
                     if self.on_dispatch is not None:
                         self.on_dispatch(self._pids[w], t)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -284,10 +280,15 @@ class RayBackend(Backend):
         budgets = budgets or funnel.budgets
         bounds = shard_bounds(R, batch_size, self._n_shards(R, batch_size))
         tasks = [_Task(0, i, a, b, budgets) for i, (a, b) in enumerate(bounds)]
+        def submit(actor, t: _Task):
+            rows = None if oracle_rows is None else oracle_rows[t.start:t.stop]
+            return actor.replay_shard.remote(
+                [self._data], request_table(traffic, t.start, t.stop), traffic.max_len,
+                t.budgets, batch_size, oracle, rows, warmup)
+
         t0 = time.perf_counter()
         parts = {t.shard: rep for t, rep in self._run(
-            funnel, traffic, tasks, batch_size=batch_size, oracle=oracle,
-            oracle_rows=oracle_rows, warmup=warmup, progress=progress, description=description)}
+            funnel, tasks, submit, progress=progress, description=description)}
         wall = time.perf_counter() - t0
         # what the pass cost beyond the workers' own replay loops (shipping shards, rebuilding
         # their traffic, returning and merging results): Ray's overhead, for benchmarks
@@ -305,15 +306,37 @@ class RayBackend(Backend):
         tasks = [_Task(p, i, a, b, budgets) for p, budgets in enumerate(points)
                  for i, (a, b) in enumerate(bounds)]
         parts: dict[int, dict[int, ReplayResult]] = {p: {} for p in range(len(points))}
+
+        def submit(actor, t: _Task):
+            return actor.replay_shard.remote(
+                [self._data], request_table(traffic, t.start, t.stop), traffic.max_len,
+                t.budgets, batch_size, False, None, warmup)
+
         t0 = time.perf_counter()
-        for t, rep in self._run(funnel, traffic, tasks, batch_size=batch_size, oracle=False,
-                                oracle_rows=None, warmup=warmup, progress=progress,
+        for t, rep in self._run(funnel, tasks, submit, progress=progress,
                                 description=f"sweep over {len(points)} budget points"):
             parts[t.point][t.shard] = rep
             if len(parts[t.point]) == len(bounds):
                 yield t.point, merge_shards(parts.pop(t.point), bounds, traffic,
                                             batch_size=batch_size, oracle_rows=None,
                                             seconds=time.perf_counter() - t0)
+
+
+    def reference_ranks(self, funnel, traffic, *, batch_size=256, progress=True):
+        """The LSR's full-catalogue ranks, the reference requests cut into shards the workers
+        score as they score replay shards; concatenated in traffic order."""
+        self.start_workers(funnel)
+        R = len(traffic)
+        bounds = shard_bounds(R, batch_size, self._n_shards(R, batch_size))
+        tasks = [_Task(0, i, a, b, funnel.budgets, "reference") for i, (a, b) in enumerate(bounds)]
+
+        def submit(actor, t: _Task):
+            return actor.reference_shard.remote(
+                [self._data], request_table(traffic, t.start, t.stop), traffic.max_len, batch_size)
+
+        parts = dict((t.shard, ranks) for t, ranks in self._run(
+            funnel, tasks, submit, progress=progress, description="LSR over the full catalogue"))
+        return np.concatenate([parts[i] for i in range(len(bounds))])
 
 
 def _cause(e: BaseException) -> str:

@@ -26,6 +26,7 @@ import torch
 from cascade.config import RunConfig
 from cascade.data.dataset import Dataset
 from cascade.data.traffic import Traffic
+from cascade.measure import lsr_catalogue_ranks
 from cascade.pipeline import Budgets
 from cascade.replay import ReplayResult, replay
 from cascade.session import Funnel, fit_funnel
@@ -114,3 +115,15 @@ class ReplayWorker:
         rep = replay(funnel.pipeline(budgets), traffic, batch_size=batch_size, oracle=oracle,
                      oracle_rows=oracle_rows, warmup=warmup if first else 0, progress=False)
         return rep, os.getpid()
+
+    def reference_shard(
+        self, dataset: Any, table: pl.DataFrame, max_len: int, batch_size: int,
+    ) -> tuple[np.ndarray, int]:
+        """The LSR's full-catalogue ranks of the requests of `table` (a shard of the run's
+        reference requests), and this process's id."""
+        funnel = self.funnel(dataset)
+        traffic = Traffic(funnel.prepared.dataset, table, max_len=max_len)
+        ctx = funnel.prepared.ctx
+        ranks = lsr_catalogue_ranks(funnel.lsr, traffic, exclude_seen=ctx.exclude_seen,
+                                    batch_size=batch_size, device=ctx.device)
+        return ranks, os.getpid()

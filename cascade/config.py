@@ -165,8 +165,9 @@ class RunConfig:
     # test requests the full-catalogue reference scores (evenly spaced). Scoring
     # every item with the LSR costs n_items / retrieval_k times the funnel's LSR pass, so by
     # default it runs on a subsample; the funnel's share of it is taken on the same requests.
-    # 0: every test request.
-    reference_requests: int = 500
+    # None: 500, fewer where that would score more than REFERENCE_PAIRS (request, item) pairs
+    # (a catalogue past 40,000 items; resolved by the session); 0: every test request.
+    reference_requests: int | None = None
     warmup: int = 1  # untimed replay batches before timing
     bootstrap: int = 1000  # paired bootstrap resamples
     backend: str = "inprocess"  # inprocess | ray: where replay runs (cascade.backends)
@@ -198,7 +199,7 @@ class RunConfig:
         _int(self.retrieval_k, "budgets.retrieval", minimum=2, optional=True)
         _int(self.esr_k, "budgets.esr", minimum=2, optional=True)
         _int(self.final_k, "budgets.final", minimum=1)
-        _int(self.reference_requests, "RunConfig.reference_requests", minimum=0)
+        _int(self.reference_requests, "RunConfig.reference_requests", minimum=0, optional=True)
         _int(self.oracle_requests, "RunConfig.oracle_requests", minimum=0)
         check_esr_share(self.esr_share)
         if self.backend not in BACKENDS:

@@ -104,7 +104,7 @@ def run_experiment(
             reference, ids = reference_metrics(
                 funnel.lsr, funnel.prepared, exclude_seen=ctx.exclude_seen,
                 batch_size=cfg.batch_size, final_k=budgets.final, progress=progress,
-                n_requests=cfg.reference_requests,
+                n_requests=funnel.config.reference_requests,
                 lsr_ranks=lambda t: backend.reference_ranks(
                     funnel, t, batch_size=cfg.batch_size, progress=progress),
             )

@@ -136,6 +136,19 @@ def traffic_key(traffic: Traffic) -> str:
     return h.hexdigest()[:16]
 
 
+REFERENCE_REQUESTS = 500  # test requests the full-catalogue reference scores by default ...
+REFERENCE_PAIRS = 20_000_000  # ... unless that is more (request, item) pairs than this
+
+
+def reference_request_count(asked: int | None, n_items: int) -> int:
+    """The reference's request count: `asked` when given, else 500 capped so that the LSR scores
+    at most `REFERENCE_PAIRS` request-item pairs (never under 10 requests): 500 up to 40,000
+    items, 20 at a million."""
+    if asked is not None:
+        return asked
+    return max(10, min(REFERENCE_REQUESTS, REFERENCE_PAIRS // max(n_items, 1)))
+
+
 def fit_stage(
     stage: Any, kind: str, ctx: FitContext, log: Callable[[str], None], label: str | None = None
 ) -> dict:
@@ -223,9 +236,13 @@ def fit_funnel(
         say(f"exclude_seen: {ctx.exclude_seen} ({repeat_share(split):.1%} of training events "
             "are repeats)")
     name = cfg.resolved_name(dataset.name if dataset is not None else None)
+    n_ref = reference_request_count(cfg.reference_requests, ds.n_items)
+    if cfg.reference and cfg.reference_requests is None and n_ref < REFERENCE_REQUESTS:
+        say(f"reference: the LSR over all {ds.n_items:,} items on {n_ref} test requests (at most "
+            f"{REFERENCE_PAIRS:,} request-item pairs by default; set reference_requests for more)")
     resolved = cfg.replace(
         name=name, retrieval_k=budgets.retrieval, esr_k=budgets.esr, final_k=budgets.final,
-        exclude_seen=ctx.exclude_seen, out=None,
+        exclude_seen=ctx.exclude_seen, out=None, reference_requests=n_ref,
     )
 
     fits = {"retrieval": fit_stage(retriever, "retrieval", ctx, say)}

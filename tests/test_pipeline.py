@@ -271,7 +271,7 @@ def test_reference_on_a_request_subsample_compares_like_with_like(toy_run, plant
     full-catalogue metric is taken on exactly those requests, not on all of them."""
     cfg, tmp, first = toy_run
     n_all = first.metrics["data"]["n_requests"]
-    assert first.metrics["reference"]["n_requests"] == min(n_all, cfg.reference_requests)
+    assert first.metrics["reference"]["n_requests"] == min(n_all, 500)  # the default
     sub = run_experiment(cfg.replace(out=str(tmp / "run-ref"), reference_requests=7),
                          dataset=planted, progress=False)
     ref = sub.metrics["reference"]
@@ -288,6 +288,19 @@ def test_reference_on_a_request_subsample_compares_like_with_like(toy_run, plant
     assert v["vs_lsr_full_catalogue"]["ndcg@10"] == pytest.approx(want / full)
     with pytest.raises(ValueError, match="reference_requests"):
         cfg.replace(reference_requests=-1)
+
+
+def test_the_default_reference_scores_at_most_20m_pairs():
+    """Left out, reference_requests is 500, fewer on a catalogue where 500 requests would make
+    the LSR score more than 20M request-item pairs (a million items: 20); given, it is kept."""
+    from cascade.session import reference_request_count
+
+    assert reference_request_count(None, 1682) == 500
+    assert reference_request_count(None, 40_000) == 500
+    assert reference_request_count(None, 100_000) == 200
+    assert reference_request_count(None, 1_000_000) == 20
+    assert reference_request_count(None, 10**9) == 10  # never fewer than 10
+    assert reference_request_count(800, 1_000_000) == 800 and reference_request_count(0, 10**6) == 0
 
 
 # ---- the pipeline's boundary checks -------------------------------------------------------------

@@ -134,3 +134,12 @@ def test_fit_model_trains_with_sparse_tables_and_serves_dense(ctx):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert model.items.sparse is False and model.genre.sparse is False
     assert history[-1] < history[0] or report["best_epoch"] == 0
+
+
+def test_sparse_gradients_are_on_by_default_from_100k_items():
+    from cascade.stages.training import uses_sparse_embeddings
+
+    assert not uses_sparse_embeddings(TrainConfig(), 99_999)
+    assert uses_sparse_embeddings(TrainConfig(), 100_000)
+    assert uses_sparse_embeddings(TrainConfig(sparse_embeddings=True), 10)
+    assert not uses_sparse_embeddings(TrainConfig(sparse_embeddings=False), 10**6)

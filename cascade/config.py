@@ -166,7 +166,7 @@ class RunConfig:
     # every item with the LSR costs n_items / retrieval_k times the funnel's LSR pass, so by
     # default it runs on a subsample; the funnel's share of it is taken on the same requests.
     # None: 500, fewer where that would score more than REFERENCE_PAIRS (request, item) pairs
-    # (a catalogue past 40,000 items; resolved by the session); 0: every test request.
+    # (a catalogue past 20,000 items; resolved by the session); 0: every test request.
     reference_requests: int | None = None
     warmup: int = 1  # untimed replay batches before timing
     bootstrap: int = 1000  # paired bootstrap resamples

@@ -87,10 +87,10 @@ def reference_metrics(
         test = Traffic(ds, split.test[rows], max_len=test.max_len)
     valid = test.targets >= 0
     if lsr_ranks is None:
-        lsr_ranks = lambda t: lsr_catalogue_ranks(  # noqa: E731
-            lsr, t, exclude_seen=exclude_seen, batch_size=batch_size, device=ctx.device,
-            progress=progress)
-    lsr_ranks = lsr_ranks(test)
+        ranks = lsr_catalogue_ranks(lsr, test, exclude_seen=exclude_seen, batch_size=batch_size,
+                                    device=ctx.device, progress=progress)
+    else:
+        ranks = lsr_ranks(test)
     pop = torch.as_tensor(ds.item_popularity(split.train), dtype=torch.float32, device=ctx.device)
     pop_ranks = full_catalogue_ranks(
         lambda batch: pop[None, :].expand(len(batch), -1), test, batch_size=batch_size,
@@ -102,7 +102,7 @@ def reference_metrics(
         return {key: mean(x) for key, x in final_values(r, valid, final_k).items()}
 
     metrics = {
-        "lsr_full_catalogue": summary(lsr_ranks),
+        "lsr_full_catalogue": summary(ranks),
         "most_popular": summary(pop_ranks),
         "n_requests": len(test),
     }

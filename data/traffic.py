@@ -7,6 +7,7 @@ of requests never materialises (requests x history) arrays and no Python runs pe
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 from typing import Iterator
 
@@ -50,6 +51,30 @@ class RequestBatch:
         return RequestBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
+_EVENT_ARRAYS: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _event_arrays(dataset: Dataset) -> tuple:
+    """The event columns every Traffic over `dataset` reads (items, times, action codes, user
+    offsets, user features), built once per dataset and shared, read-only: a run holds several
+    Traffic objects (train, windows, validation, test, subsamples), and on a 10M-event log each
+    copy cost 240 MB."""
+    key = id(dataset)
+    hit = _EVENT_ARRAYS.get(key)
+    if hit is not None and hit[0]() is dataset:
+        return hit[1]
+    ev = dataset.events
+    arrays = (ev["item"].to_numpy().astype(np.int64), ev["ts"].to_numpy().astype(np.int64),
+              action_codes(ev["action"].to_numpy()), dataset.user_offsets(),
+              dataset.users.categorical_matrix())
+    for a in arrays:
+        a.flags.writeable = False
+    # dropped with the dataset (the callback runs when it is freed, before its id can be reused)
+    ref = weakref.ref(dataset, lambda _r, k=key: _EVENT_ARRAYS.pop(k, None))
+    _EVENT_ARRAYS[key] = (ref, arrays)
+    return arrays
+
+
 class Traffic:
     """A stream of requests over a Dataset (see `cascade.data.splits` for request tables)."""
 
@@ -73,12 +98,8 @@ class Traffic:
                 self.targets[i, : len(x)] = x
         else:
             self.targets = requests["item"].to_numpy().astype(np.int64)[:, None]
-        ev = dataset.events
-        self._ev_item = ev["item"].to_numpy().astype(np.int64)
-        self._ev_ts = ev["ts"].to_numpy().astype(np.int64)
-        self._ev_action = action_codes(ev["action"].to_numpy())
-        self._offsets = dataset.user_offsets()
-        self._user_feats = dataset.users.categorical_matrix()
+        (self._ev_item, self._ev_ts, self._ev_action, self._offsets,
+         self._user_feats) = _event_arrays(dataset)
         if len(self.user) and (self.user.min() < 0 or self.user.max() >= dataset.n_users):
             raise DataError(
                 f"request table has user ids outside [0, {dataset.n_users}) "

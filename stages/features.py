@@ -276,6 +276,16 @@ def recent_history(batch: RequestBatch, max_len: int | None) -> RequestBatch:
     )
 
 
+VALID_PAIRS = 200_000_000  # a full-catalogue validation check scores at most this many pairs
+
+
+def catalogue_valid_requests(n: int, n_items: int) -> int:
+    """How many validation requests a full-catalogue check (every item scored per request)
+    uses: at most `n`, fewer where that would score more than `VALID_PAIRS` request-item pairs,
+    never under 200 (2,000 requests up to 100,000 items; 200 at a million)."""
+    return max(min(n, 200), min(n, VALID_PAIRS // max(n_items, 1)))
+
+
 def subsample(traffic: Traffic, n: int) -> Traffic:
     """At most n requests of a Traffic, evenly spaced (deterministic), e.g. for cheap validation."""
     if len(traffic) <= n:

@@ -57,6 +57,7 @@ from cascade.stages.features import (
     MatchCounter,
     NegativeSampler,
     UserFeatureEmbedder,
+    catalogue_valid_requests,
     exclude_history_,
     recent_history,
     sequence_windows,
@@ -321,7 +322,9 @@ class LateStageRanker(LearnedStage):
         sampler = NegativeSampler(counts, pop_frac=cfg.pop_negatives, device=ctx.device)
         freq = torch.as_tensor(counts / max(counts.sum(), 1), dtype=torch.float32, device=ctx.device)
         windows = sequence_windows(ctx.train, model.width)
-        valid = subsample(ctx.valid, cfg.valid_requests)
+        # rerank_ndcg scores the whole catalogue with the generative head: fewer requests on a
+        # huge one (sampled_mrr does not, but keeps the same requests)
+        valid = subsample(ctx.valid, catalogue_valid_requests(cfg.valid_requests, n_items))
         r = cfg.prefixes_per_window
 
         def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:

@@ -58,6 +58,7 @@ from cascade.stages.features import (
     recent_history,
     sequence_windows,
     shared_negative_softmax,
+    catalogue_valid_requests,
     subsample,
 )
 from cascade.stages.learned import LearnedStage
@@ -280,7 +281,7 @@ class TwoTowerRetriever(LearnedStage):
         n_items = ctx.dataset.n_items
         freq = np.bincount(ctx.train.targets[:, 0], minlength=n_items).astype(np.float64)
         freq = torch.as_tensor(freq / max(freq.sum(), 1.0), dtype=torch.float32, device=ctx.device)
-        valid = subsample(ctx.valid, cfg.valid_requests)
+        valid = subsample(ctx.valid, catalogue_valid_requests(cfg.valid_requests, n_items))
         windows = sequence_windows(ctx.train, model.width)
 
         def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from cascade.data.traffic import RequestBatch, Traffic
 from cascade.stages.base import Candidates, FitContext, StageError, register
+from cascade.stages.features import catalogue_valid_requests
 from cascade.stages.learned import LearnedStage
 from cascade.stages.retrieval import build_index, search_with_exclusion, validate_index_spec
 from cascade.stages.training import TrainConfig, seed_everything
@@ -258,8 +259,9 @@ def train_sasrec(model: SASRecModel, ctx: FitContext, cfg: SASRecConfig, window:
     probs_t = torch.as_tensor(probs, dtype=torch.float32, device=device)
     log_q = torch.log(probs_t * cfg.n_negatives)
     valid = ctx.valid
-    if len(valid) > cfg.valid_requests:
-        keep = np.unique(np.linspace(0, len(valid) - 1, cfg.valid_requests).round().astype(np.int64))
+    n_valid = catalogue_valid_requests(cfg.valid_requests, n_items)  # full-catalogue checks
+    if len(valid) > n_valid:
+        keep = np.unique(np.linspace(0, len(valid) - 1, n_valid).round().astype(np.int64))
         valid = Traffic(ctx.dataset, ctx.split.valid[keep], max_len=valid.max_len)
     tc = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

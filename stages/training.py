@@ -39,6 +39,7 @@ from cascade.data.traffic import RequestBatch, Traffic
 from cascade.stages.base import FitContext
 from cascade.stages.features import id_embedding_tables
 from cascade.util.fsio import atomic_write_bytes
+from cascade.util.progress import Progress
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,8 +250,6 @@ def fit_model(
     """Train `model` in place with AdamW (with `cfg.sparse_embeddings`: SparseAdam for the id
     tables) and early stopping; restore the best epoch's weights. Returns a report: epochs run,
     best epoch, best validation metric, seconds, final loss."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     traffic = ctx.train if train is None else train
     gen = seed_everything(ctx.seed)
     model.to(ctx.device)
@@ -268,16 +267,11 @@ def fit_model(
     step_s = opt_s = 0.0  # time in training steps, and in the optimiser's part of them
     for t in tables:  # serving is unchanged: only the backward pass differs
         t.sparse = True
+    # a bar on a terminal, plain lines in a log (cascade.util.progress); early stopping may end
+    # it before the total
     with _dense_afterwards(tables), Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        disable=not ctx.progress,
-        transient=True,
+        f"training {desc}", total=cfg.epochs * steps, unit="steps", enabled=ctx.progress,
     ) as bar:
-        task = bar.add_task(desc, total=cfg.epochs * steps, info="")
         for epoch in range(cfg.epochs):
             model.train()
             total, n = 0.0, 0
@@ -302,12 +296,12 @@ def fit_model(
                 total += float(loss.detach())
                 step_s += time.perf_counter() - ts
                 n += 1
-                bar.advance(task)
+                bar.advance(1)
             model.eval()
             with torch.no_grad():
                 metric = float(valid_fn())
             history.append({"epoch": epoch, "loss": total / max(n, 1), "valid": metric})
-            bar.update(task, info=f"loss {total / max(n, 1):.4f} valid {metric:.4f}")
+            bar.advance(0, info=f"epoch {epoch}: loss {total / max(n, 1):.4f} valid {metric:.4f}")
             if metric > best:
                 best, best_epoch, bad = metric, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

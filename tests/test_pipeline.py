@@ -290,15 +290,15 @@ def test_reference_on_a_request_subsample_compares_like_with_like(toy_run, plant
         cfg.replace(reference_requests=-1)
 
 
-def test_the_default_reference_scores_at_most_20m_pairs():
+def test_the_default_reference_scores_at_most_10m_pairs():
     """Left out, reference_requests is 500, fewer on a catalogue where 500 requests would make
-    the LSR score more than 20M request-item pairs (a million items: 20); given, it is kept."""
+    the LSR score more than 10M request-item pairs (a million items: 10); given, it is kept."""
     from cascade.session import reference_request_count
 
     assert reference_request_count(None, 1682) == 500
-    assert reference_request_count(None, 40_000) == 500
-    assert reference_request_count(None, 100_000) == 200
-    assert reference_request_count(None, 1_000_000) == 20
+    assert reference_request_count(None, 20_000) == 500
+    assert reference_request_count(None, 100_000) == 100
+    assert reference_request_count(None, 1_000_000) == 10
     assert reference_request_count(None, 10**9) == 10  # never fewer than 10
     assert reference_request_count(800, 1_000_000) == 800 and reference_request_count(0, 10**6) == 0
 

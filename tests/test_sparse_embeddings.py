@@ -134,6 +134,29 @@ def test_fit_model_trains_with_sparse_tables_and_serves_dense(ctx):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert model.items.sparse is False and model.genre.sparse is False
     assert history[-1] < history[0] or report["best_epoch"] == 0
+    assert report["sparse_embeddings"] is True
+    assert 0 < report["optimizer_s"] < report["train_step_s"] <= report["seconds"]
+
+
+def test_training_prints_plain_progress_lines_when_stdout_is_not_a_terminal(ctx, capsys,
+                                                                          monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("CASCADE_PROGRESS_SECONDS", "0")
+    model = Tiny(ctx.dataset.n_items)
+
+    def loss_fn(batch, gen):
+        ids = torch.cat([batch.hist_items[:, :5].flatten(), batch.targets[:, 0]]).unique()
+        return model.loss(ids, torch.searchsorted(ids, batch.targets[:, 0]))
+
+    cfg = TrainConfig(epochs=2, batch_size=64, max_steps_per_epoch=3, patience=5)
+    fit_model(model, loss_fn, lambda: 0.5, dataclasses.replace(ctx, progress=True), cfg,
+              desc="tiny")
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("training tiny:")]
+    assert lines[0].startswith("training tiny: 1/6 steps") and "ETA" in lines[0]
+    assert lines[-1].startswith("training tiny: 6/6 steps (100%)") and "epoch 1: loss" in lines[-1]
+    fit_model(model, loss_fn, lambda: 0.5, ctx, cfg, desc="tiny")  # ctx.progress is False
+    assert "training tiny" not in capsys.readouterr().out
 
 
 def test_sparse_gradients_are_on_by_default_from_100k_items():

@@ -577,3 +577,15 @@ def test_lsr_validation_follows_the_run_exclude_seen(ctx):
         assert both[True] != both[False]  # the switch matters on this data
         got[exclude] = stage.fit_report_["best_valid"]
         assert got[exclude] == pytest.approx(both[exclude], abs=1e-9)
+
+
+def test_full_catalogue_validation_uses_fewer_requests_only_on_huge_catalogues():
+    """Retrieval, the LSR and sasrec validate by scoring every item: 2,000 requests up to
+    100,000 items (ml-100k and the Toys file unchanged), fewer past that, never under 200."""
+    from cascade.stages.features import catalogue_valid_requests
+
+    assert catalogue_valid_requests(2000, 1682) == 2000
+    assert catalogue_valid_requests(2000, 100_000) == 2000
+    assert catalogue_valid_requests(2000, 1_000_000) == 200
+    assert catalogue_valid_requests(2000, 10**8) == 200
+    assert catalogue_valid_requests(50, 10**8) == 50  # never more than asked

@@ -280,6 +280,7 @@ class RayBackend(Backend):
         budgets = budgets or funnel.budgets
         bounds = shard_bounds(R, batch_size, self._n_shards(R, batch_size))
         tasks = [_Task(0, i, a, b, budgets) for i, (a, b) in enumerate(bounds)]
+
         def submit(actor, t: _Task):
             rows = None if oracle_rows is None else oracle_rows[t.start:t.stop]
             return actor.replay_shard.remote(
@@ -320,7 +321,6 @@ class RayBackend(Backend):
                 yield t.point, merge_shards(parts.pop(t.point), bounds, traffic,
                                             batch_size=batch_size, oracle_rows=None,
                                             seconds=time.perf_counter() - t0)
-
 
     def reference_ranks(self, funnel, traffic, *, batch_size=256, progress=True):
         """The LSR's full-catalogue ranks, the reference requests cut into shards the workers

@@ -198,7 +198,7 @@ def register(app: typer.Typer) -> None:
         no_oracle: Annotated[bool, typer.Option("--no-oracle", help="Skip the LSR pass over every retrieved candidate.")] = False,
         oracle_requests: Annotated[int | None, typer.Option(help="Test requests the oracle pass (LSR over every retrieved candidate) scores (default 500, evenly spaced, the reference's; 0 = all).")] = None,
         no_reference: Annotated[bool, typer.Option("--no-reference", help="Skip the full-catalogue LSR and most-popular reference points.")] = False,
-        reference_requests: Annotated[int | None, typer.Option(help="Test requests the full-catalogue reference scores (evenly spaced; default 500, fewer past 40,000 items: at most 20M request-item pairs; 0 = all).")] = None,
+        reference_requests: Annotated[int | None, typer.Option(help="Test requests the full-catalogue reference scores (evenly spaced; default 500, fewer past 20,000 items: at most 10M request-item pairs; 0 = all).")] = None,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars or log lines.")] = False,
         backend: Annotated[str | None, typer.Option(help="Where replay runs: inprocess (default) or ray (pip install -e \".[ray]\").")] = None,
         ray_address: Annotated[str | None, typer.Option(help="With --backend ray: auto, ray://host:port or host:port (default: start a local Ray).")] = None,

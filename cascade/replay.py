@@ -21,6 +21,8 @@ Progress is a bar on a terminal and a plain line every few seconds elsewhere
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +127,38 @@ def _nullable(rank: np.ndarray) -> pl.Series:
     return pl.select(pl.when(s >= 0).then(s)).to_series()
 
 
+
+def oracle_mask(oracle: bool, oracle_rows: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The (n,) bool rows the oracle pass scores (all when `oracle_rows` is None), checked;
+    None without an oracle pass."""
+    if not oracle:
+        return None
+    rows = np.ones(n, bool) if oracle_rows is None else np.asarray(oracle_rows, bool)
+    if rows.shape != (n,):
+        raise ValueError(f"oracle_rows must be ({n},) booleans, got {rows.shape}")
+    return rows
+
+
+def blank_result(traffic: Traffic, names: tuple[str, ...], oracle_rows: np.ndarray | None,
+                 final_k: int) -> ReplayResult:
+    """A result for `traffic` with every rank -1 (to be filled in place), the oracle's arrays
+    only when `oracle_rows` is given, no latency rows and no time yet."""
+    R, T = traffic.targets.shape
+    oracle = oracle_rows is not None
+
+    def blank() -> np.ndarray:
+        return np.full((R, T), -1, np.int64)
+
+    return ReplayResult(
+        variants=names, request_id=traffic.request_id.copy(), user=traffic.user.copy(),
+        hist_len=traffic.pos.copy(), targets=traffic.targets.copy(), rank_retrieval=blank(),
+        rank_esr={n: blank() for n in names}, rank_lsr={n: blank() for n in names},
+        rank_oracle=blank() if oracle else None,
+        consistency={n: np.zeros(R, np.float64) for n in names} if oracle else None,
+        oracle_rows=oracle_rows, latency=pl.DataFrame(schema=LATENCY_SCHEMA), final_k=final_k,
+        seconds=0.0,
+    )
+
 def replay(
     pipeline: Pipeline,
     traffic: Traffic,
@@ -145,18 +179,11 @@ def replay(
     device = pipeline.device
     n_items = traffic.dataset.n_items
     names = tuple(pipeline.esrs)
-    R, T = traffic.targets.shape
-    rank_ret = np.full((R, T), -1, np.int64)
-    rank_esr = {n: np.full((R, T), -1, np.int64) for n in names}
-    rank_lsr = {n: np.full((R, T), -1, np.int64) for n in names}
-    rank_orc = np.full((R, T), -1, np.int64) if oracle else None
-    cons = {n: np.zeros(R, np.float64) for n in names} if oracle else None
-    if oracle:
-        oracle_rows = np.ones(R, bool) if oracle_rows is None else np.asarray(oracle_rows, bool)
-        if oracle_rows.shape != (R,):
-            raise ValueError(f"oracle_rows must be ({R},) booleans, got {oracle_rows.shape}")
-    else:
-        oracle_rows = None
+    R = len(traffic)
+    oracle_rows = oracle_mask(oracle, oracle_rows, R)
+    res = blank_result(traffic, names, oracle_rows, pipeline.budgets.final)
+    rank_ret, rank_esr, rank_lsr = res.rank_retrieval, res.rank_esr, res.rank_lsr
+    rank_orc, cons = res.rank_oracle, res.consistency
     rows: dict[str, list] = {c: [] for c in LATENCY_SCHEMA}
 
     def add(variant: str, stage: str, b: int, size: int, ns: int) -> None:
@@ -203,23 +230,8 @@ def replay(
                 add(name, "esr", b, size, vo.esr_ns)
                 add(name, "lsr", b, size, vo.lsr_ns)
             bar.advance(size)
-    seconds = time.perf_counter() - t0
-    return ReplayResult(
-        variants=names,
-        request_id=traffic.request_id.copy(),
-        user=traffic.user.copy(),
-        hist_len=traffic.pos.copy(),
-        targets=traffic.targets.copy(),
-        rank_retrieval=rank_ret,
-        rank_esr=rank_esr,
-        rank_lsr=rank_lsr,
-        rank_oracle=rank_orc,
-        consistency=cons,
-        oracle_rows=oracle_rows,
-        latency=pl.DataFrame(rows, schema=LATENCY_SCHEMA),
-        final_k=pipeline.budgets.final,
-        seconds=seconds,
-    )
+    return dataclasses.replace(res, latency=pl.DataFrame(rows, schema=LATENCY_SCHEMA),
+                               seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ from cascade.backends.base import Backend
 from cascade.backends.shards import merge_shards, request_table, shard_bounds
 from cascade.backends.worker import ReplayWorker, checkpoints_of, worker_config
 from cascade.pipeline import Budgets
-from cascade.replay import ReplayResult
+from cascade.replay import ReplayResult, oracle_mask
 from cascade.stages.base import StageError
 from cascade.util.progress import Progress
 
@@ -270,12 +270,7 @@ class RayBackend(Backend):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         R = len(traffic)
-        if oracle:
-            oracle_rows = np.ones(R, bool) if oracle_rows is None else np.asarray(oracle_rows, bool)
-            if oracle_rows.shape != (R,):
-                raise ValueError(f"oracle_rows must be ({R},) booleans, got {oracle_rows.shape}")
-        else:
-            oracle_rows = None
+        oracle_rows = oracle_mask(oracle, oracle_rows, R)
         self.start_workers(funnel)
         budgets = budgets or funnel.budgets
         bounds = shard_bounds(R, batch_size, self._n_shards(R, batch_size))

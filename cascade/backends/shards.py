@@ -14,13 +14,14 @@ and was retried) is counted once: the last result wins.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
 from cascade.data.traffic import Traffic
-from cascade.replay import LATENCY_SCHEMA, ReplayResult
+from cascade.replay import LATENCY_SCHEMA, ReplayResult, blank_result
 
 
 def shard_bounds(n_requests: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
@@ -81,17 +82,10 @@ def merge_shards(
         raise ValueError(f"replay: shard(s) {missing} have no result")
     first = parts[0]
     names = first.variants
-    R, T = traffic.targets.shape
     oracle = first.rank_oracle is not None
-
-    def blank() -> np.ndarray:
-        return np.full((R, T), -1, np.int64)
-
-    rank_ret = blank()
-    rank_esr = {n: blank() for n in names}
-    rank_lsr = {n: blank() for n in names}
-    rank_orc = blank() if oracle else None
-    cons = {n: np.zeros(R, np.float64) for n in names} if oracle else None
+    res = blank_result(traffic, names, oracle_rows if oracle else None, first.final_k)
+    rank_ret, rank_esr, rank_lsr = res.rank_retrieval, res.rank_esr, res.rank_lsr
+    rank_orc, cons = res.rank_oracle, res.consistency
     latency = []
     for i, (start, stop) in enumerate(bounds):
         p = parts[i]
@@ -111,19 +105,5 @@ def merge_shards(
         if oracle:
             _place(rank_orc, p.rank_oracle, start)
         latency.append(p.latency.with_columns(pl.col("batch") + start // batch_size))
-    return ReplayResult(
-        variants=names,
-        request_id=traffic.request_id.copy(),
-        user=traffic.user.copy(),
-        hist_len=traffic.pos.copy(),
-        targets=traffic.targets.copy(),
-        rank_retrieval=rank_ret,
-        rank_esr=rank_esr,
-        rank_lsr=rank_lsr,
-        rank_oracle=rank_orc,
-        consistency=cons,
-        oracle_rows=oracle_rows,
-        latency=pl.concat(latency).cast(LATENCY_SCHEMA),
-        final_k=first.final_k,
-        seconds=seconds,
-    )
+    return dataclasses.replace(
+        res, latency=pl.concat(latency).cast(LATENCY_SCHEMA), seconds=seconds)

@@ -21,9 +21,7 @@ Progress is a bar on a terminal and a plain line every few seconds elsewhere
 
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -230,8 +228,8 @@ def replay(
                 add(name, "esr", b, size, vo.esr_ns)
                 add(name, "lsr", b, size, vo.lsr_ns)
             bar.advance(size)
-    return dataclasses.replace(res, latency=pl.DataFrame(rows, schema=LATENCY_SCHEMA),
-                               seconds=time.perf_counter() - t0)
+    return replace(res, latency=pl.DataFrame(rows, schema=LATENCY_SCHEMA),
+                   seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()

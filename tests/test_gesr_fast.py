@@ -86,3 +86,100 @@ def test_hma_tables_with_one_kind_of_pair(pairs):
     assert torch.equal(hma.counts(state, cand), want)
     with torch.no_grad():
         torch.testing.assert_close(hma(state, cand), hma.embed_counts_unfolded(want), **tol(torch.float32))
+
+
+# ---- the serving path vs the per-candidate reference ------------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from cascade.data.splits import make_split, training_requests  # noqa: E402
+from cascade.data.traffic import Traffic  # noqa: E402
+from cascade.stages.gesr import GESRConfig, GESRStage, MoAConfig  # noqa: E402
+from cascade.stages.gesr.cross import NROCrossAttention  # noqa: E402
+from test_gesr import multi_dataset, perturbed  # noqa: E402
+
+SERVING = {  # (MoA config, GESR config overrides)
+    "full": (MoAConfig(history_len=10), {}),
+    "two-layers": (MoAConfig(), {"n_layers": 2}),
+    "softmax": (MoAConfig(), {"attn_kind": "softmax"}),
+    "ungated": (MoAConfig(mlpg=False), {"cross_heads": 1}),
+    "nro-features": (MoAConfig.two_tower(cross_attn=("nro",), mlpg=True), {"nro_queries": "features"}),
+    "one-token": (MoAConfig(token_features=False), {}),  # RO over one token: item-only T_ro
+}
+
+
+@pytest.fixture(scope="module")
+def multi():
+    return multi_dataset(seed=1)
+
+
+@pytest.fixture(scope="module")
+def ragged(multi):
+    """Requests with an empty history, a full one and lengths between; padding that holds
+    real-looking items."""
+    tr = Traffic(multi, training_requests(make_split(multi)), max_len=12)
+    rows = np.concatenate([np.flatnonzero(tr.pos >= 1)[::23][:8], np.flatnonzero(tr.pos >= 15)[:2]])
+    batch = tr.batch(rows)
+    hist_len = batch.hist_len.clone()
+    hist_len[0] = 0  # its events become padding
+    batch = replace(batch, hist_len=hist_len)
+    pad = ~batch.hist_mask
+    g = torch.Generator().manual_seed(5)
+    fake = torch.randint(1, multi.n_items, (int(pad.sum()),), generator=g)
+    assert int(batch.hist_len.min()) == 0 and int(batch.hist_len.max()) == 12
+    return replace(batch, hist_items=batch.hist_items.masked_scatter(pad, fake),
+                   hist_actions=batch.hist_actions.masked_scatter(pad, torch.full_like(fake, 3)))
+
+
+@pytest.mark.parametrize("name", list(SERVING))
+def test_serving_path_equals_naive_on_ragged_histories(multi, ragged, name):
+    moa, extra = SERVING[name]
+    model = perturbed(multi, moa, seed=3, **extra)
+    g = torch.Generator().manual_seed(4)
+    cand = torch.randint(0, multi.n_items, (len(ragged), 17), generator=g)
+    cand[:, 0] = ragged.hist_items[:, 0]  # a seen item (or, without a history, a padding id)
+    cand[:, 1] = cand[:, 2]  # a repeated candidate
+    with torch.no_grad():
+        naive = model.score_naive(ragged, cand)
+        uncached = model.score(ragged, cand)
+        model.cache_items()
+        cached = model.score(ragged, cand)
+    assert naive.abs().max() > 0.1
+    torch.testing.assert_close(uncached, naive, **tol(torch.float32))
+    torch.testing.assert_close(cached, naive, **tol(torch.float32))
+
+
+def test_stage_groups_requests_by_history_length(multi, ragged):
+    """GESRStage.score sorts the requests by history length, scores them in groups cut to
+    the group's longest history, and puts the scores back in request order."""
+    model = perturbed(multi, MoAConfig(history_len=12), seed=6)
+    model.cache_items()
+    stage = GESRStage(GESRConfig(score_chunk_pairs=2 * 17))  # groups of two requests
+    stage.model_ = model
+    cand = torch.randint(0, multi.n_items, (len(ragged), 17), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = model.score(ragged, cand)
+    torch.testing.assert_close(stage.score(ragged, cand), want, **tol(torch.float32))
+
+
+def test_nro_block_diagonal_attention_equals_sdpa():
+    """NRO's block-diagonal logits, pooled weights and values folded through the output
+    projection vs plain per-head softmax attention, then pooling, then out."""
+    torch.manual_seed(0)
+    nro = NROCrossAttention(8, heads=2)
+    b, n, f, s_h, r = 3, 5, 2, 6, 2
+    hist, user = torch.randn(b, s_h, 8), torch.randn(b, r, 8)
+    mask = torch.arange(s_h)[None, :] < torch.tensor([0, 3, 6])[:, None]
+    cand_q = nro.item_queries(torch.randn(b, n, f, 8))
+    with torch.no_grad():
+        got = nro(nro.context(hist, mask, user), cand_q)
+        kv = nro.kv(torch.cat([hist, user], 1)).unflatten(-1, (2, 2, 4))  # (B, S, H, k|v, 4)
+        k, v = kv[..., 0, :], kv[..., 1, :]  # (B, S, H, 4)
+        keep = torch.cat([mask, torch.ones(b, r, dtype=torch.bool)], 1)
+        q = cand_q.reshape(b, n * f, 2, 4).transpose(1, 2)
+        att = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None, None])
+        want = nro.norm(nro.out(att.transpose(1, 2).reshape(b, n, f, 8).mean(2)))
+    torch.testing.assert_close(got, want, **tol(torch.float32))

@@ -15,10 +15,14 @@ query tokens mean-pooled into one vector per candidate [ours] (pooled before the
 projection, which is linear, so the result is the same at 1/F or 1/R of the cost).
 Serving decomposition:
 - the request side is projected once per request (`NROCrossAttention.context`: history and user
-  K/V; `ROCrossAttention.queries`: the user/context queries);
+  keys as one block-diagonal (H d_h, H S) matrix, so one product gives every head's logits side
+  by side, and the values likewise, already through the output projection: out is linear and
+  each head's weights sum to 1, so out(sum_s p_s v_s) = sum_s p_s out_h(v_s) with out's bias
+  split over the heads; `ROCrossAttention.queries`: the user/context queries);
 - the item side depends on the item only, so its projections (`NROCrossAttention.item_queries`,
   `ROCrossAttention.item_kv`) are computed for the whole catalogue once after training and
-  gathered at scoring time (`GESRModel.cache_items`);
+  gathered at scoring time (`GESRModel.cache_items`); with one token per item the RO attention
+  has a single key, its weights are all 1 and T_ro is item-only (`ROCrossAttention.single_token`);
 - all candidates of a batch go through one batched product; no Python loop per candidate.
 [ours] The user/context token set always contains a learned "null" token, so a request with an
 empty history and no user features still has a key to attend to (no all-masked softmax rows).
@@ -38,13 +42,27 @@ def _heads(x: Tensor, h: int) -> Tensor:
     return x.unflatten(-1, (h, x.shape[-1] // h))
 
 
+def block_keys(k: Tensor) -> Tensor:
+    """(B, H, L, e) per-head keys -> (B, H e, H L) block diagonal: queries (B, n, H e) times it
+    are every head's logits side by side, (B, n, H L), without splitting the queries by head."""
+    eye = torch.eye(k.shape[1], dtype=k.dtype, device=k.device)
+    return torch.einsum("bhle,hg->bhegl", k, eye).flatten(3).flatten(1, 2)
+
+
+def block_values(v: Tensor) -> Tensor:
+    """(B, H, L, e) per-head values -> (B, H L, H e) block diagonal: weights (B, n, H L) times
+    it are the heads' outputs concatenated, (B, n, H e)."""
+    eye = torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
+    return torch.einsum("bhle,hg->bhlge", v, eye).flatten(3).flatten(1, 2)
+
+
 @dataclass(frozen=True)
 class CrossContext:
     """Request-side keys/values for NRO cross attention (projected once per request)."""
 
-    k: Tensor  # (B, H, S, d) history tokens then user/context tokens
-    v: Tensor  # (B, H, S, d)
-    mask: Tensor  # (B, S) bool, True at real tokens
+    k: Tensor  # (B, H d_h, H S) block-diagonal keys (history then user/context), / sqrt(d_h)
+    bias: Tensor  # (B, 1, H S) logit bias: 0 at real tokens, -inf at padding
+    v: Tensor  # (B, H S, D) block-diagonal values through the output projection
 
 
 class NROCrossAttention(nn.Module):
@@ -64,22 +82,29 @@ class NROCrossAttention(nn.Module):
         mask = torch.cat(
             [hist_mask, torch.ones(user_tokens.shape[:2], dtype=torch.bool, device=hist.device)], 1
         )
-        k, v = _heads(self.kv(tokens), self.heads).chunk(2, dim=-1)  # (B, S, H, 2d) -> 2x(B,S,H,d)
-        return CrossContext(k=k.transpose(1, 2), v=v.transpose(1, 2), mask=mask)
+        k, v = _heads(self.kv(tokens), self.heads).chunk(2, dim=-1)  # 2 x (B, S, H, d)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, d)
+        # out(concat_h sum_s p_hs v_hs) + b = sum_hs p_hs (v_hs W_out,h^T + b / H), each head's
+        # p summing to 1 (S always has the null token, so no row is fully masked)
+        vo = torch.matmul(block_values(v), self.out.weight.T) + self.out.bias / self.heads
+        bias = torch.zeros(mask.shape, dtype=k.dtype, device=k.device).masked_fill(~mask, float("-inf"))
+        return CrossContext(
+            k=block_keys(k) / k.shape[-1] ** 0.5, bias=bias.repeat(1, self.heads)[:, None], v=vo
+        )
 
     def item_queries(self, item_tokens: Tensor) -> Tensor:
         """(..., F, D) item feature tokens -> (..., F, D) queries (item-only: cacheable)."""
         return self.q(item_tokens)
 
     def forward(self, ctx: CrossContext, cand_q: Tensor) -> Tensor:
-        """cand_q (B, n, F, D) projected candidate queries -> T_nro (B, n, D)."""
+        """cand_q (B, n, F, D) projected candidate queries -> T_nro (B, n, D). The F query
+        outputs are mean-pooled; the values are linear in the weights, so the weights are
+        pooled first."""
         b, n, f, d = cand_q.shape
-        q = _heads(cand_q.reshape(b, n * f, d), self.heads).transpose(1, 2)  # (B, H, nF, d/H)
-        # fused attention (no (B, H, nF, S) logits tensor on CPU flash paths); S always has the
-        # null token, so no row is fully masked
-        att = F.scaled_dot_product_attention(q, ctx.k, ctx.v, attn_mask=ctx.mask[:, None, None, :])
-        att = att.transpose(1, 2).reshape(b, n, f, d).mean(dim=2)  # (B, n, D)
-        return self.norm(self.out(att))  # out is linear: pooling first is the same, F x cheaper
+        logits = torch.baddbmm(ctx.bias, cand_q.reshape(b, n * f, d), ctx.k)  # (B, nF, H S)
+        w = torch.softmax(logits.view(b, n * f, self.heads, -1), dim=-1).view(b, n, f, -1)
+        w = w[:, :, 0] if f == 1 else w.mean(dim=2)  # (B, n, H S)
+        return self.norm(torch.bmm(w, ctx.v))
 
 
 class ROCrossAttention(nn.Module):
@@ -100,6 +125,12 @@ class ROCrossAttention(nn.Module):
     def item_kv(self, item_tokens: Tensor) -> Tensor:
         """(..., F, D) item feature tokens -> (..., F, 2D) keys|values (item-only: cacheable)."""
         return self.kv(item_tokens)
+
+    def single_token(self, item_kv: Tensor) -> Tensor:
+        """(..., 1, 2D) keys|values of items with one token -> T_ro (..., D): one key, so every
+        query's weight on it is 1 and the output is the item's projected value (item-only)."""
+        v = item_kv[..., 0, :].unflatten(-1, (self.heads, 2, -1))[..., 1, :]  # (..., H, d)
+        return self.norm(self.out(v.flatten(-2)))
 
     def forward(self, q: Tensor, cand_kv: Tensor) -> Tensor:
         """q (B, H, R, d), cand_kv (B, n, F, 2D) -> T_ro (B, n, D).

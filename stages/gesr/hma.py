@@ -188,7 +188,8 @@ class HardMatchingAttention(nn.Module):
                 if self.set_overlap is None:
                     h[:, 0] = 0.0  # code 0: unknown, matches nothing
                 else:
-                    h = torch.matmul(self.set_overlap, h)  # events sharing a value with the set
+                    # events sharing a value with the set, one (B P_c, S) x (S, S) product
+                    h = torch.matmul(h.transpose(1, 2), self.set_overlap).transpose(1, 2)
                 set_counts = h.round().long()
             else:
                 incidence = masks.new_zeros(b, n, self.n_categories)

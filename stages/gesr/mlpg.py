@@ -12,7 +12,8 @@ scores exactly like its two towers and the secondary logits grow from there.
 [ours] Serving decomposition, exact: W_k [u ; i] = A_k u + C_k i, so the user part is computed
 once per request (`user_gates`) and the item part once per item (`item_gates`, cached for the
 catalogue with the item tower); per (request, candidate) pair only an add and a sigmoid remain.
-The K MLPs run as one batched product over stacked weights (K, d, h).
+The K MLPs keep stacked weights (K, d, h); serving runs them one embedding at a time, each a
+(B n, d) x (d, h) product on the module's output as it comes (no stacked copy of the inputs).
 
 `UngatedFusion` is the ablation row without MLPG [ours]: the MoA embeddings are concatenated and
 one MLP gives one secondary logit added to l0 (no gates, no per-embedding logits), so "+MLPG"
@@ -80,10 +81,18 @@ class MLPG(nn.Module):
     def forward(self, l0: Tensor, gu: Tensor, gi: Tensor, embs: dict[str, Tensor]) -> Tensor:
         """gu (B, K, d), gi (B, n, K, d), embs name -> (B, n, d) -> l (B, n) = l0 + sum_k
         beta_k l_k, with the gate's factor 2 folded into the first layers and beta into the last
-        ones (so the K logits l_k are never materialised)."""
-        g = torch.sigmoid(gu[:, None] + gi)  # (B, n, K, d); g_k = 2 * this
-        e = torch.stack([embs[k] for k in self.names], dim=-2)  # (B, n, K, d)
-        return l0 + self.mlps.weighted_sum(g * e, self.beta, scale=2.0)
+        ones (so the K logits l_k are never materialised). One embedding at a time: each is a
+        (B n, d) x (d, h) product straight from the module's output, no (B, n, K, d) stack."""
+        m = self.mlps
+        w1, w2 = m.w1 * 2.0, m.w2 * self.beta[:, None]  # (K, d, h), (K, h)
+        out = l0 + m.b2 @ self.beta
+        inplace = not torch.is_grad_enabled()
+        for k, name in enumerate(self.names):
+            g = torch.sigmoid(gi[..., k, :] + gu[:, None, k])  # (B, n, d); g_k = 2 * this
+            x = g.mul_(embs[name]) if inplace else g * embs[name]
+            h = F.silu(torch.matmul(x, w1[k]) + m.b1[k], inplace=inplace)  # (B, n, h)
+            out = out + torch.matmul(h, w2[k])
+        return out
 
 
 class UngatedFusion(nn.Module):
@@ -95,5 +104,9 @@ class UngatedFusion(nn.Module):
         self.mlp = StackedLogitMLPs(1, len(self.names) * dim, hidden)
 
     def forward(self, l0: Tensor, embs: dict[str, Tensor]) -> Tensor:
-        x = torch.cat([embs[k] for k in self.names], dim=-1)[..., None, :]  # (B, n, 1, K d)
-        return l0 + self.mlp(x).squeeze(-1)
+        """The first layer over concat(E_k) as a sum over the embeddings of E_k times its rows
+        of the weight (no (B, n, K d) concatenation)."""
+        m = self.mlp
+        w1 = m.w1[0].view(len(self.names), -1, m.w1.shape[-1])  # (K, d, h)
+        pre = sum(torch.matmul(embs[k], w1[j]) for j, k in enumerate(self.names)) + m.b1[0]
+        return l0 + F.silu(pre) @ m.w2[0] + m.b2[0]

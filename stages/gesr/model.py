@@ -61,7 +61,13 @@ from cascade.stages.features import (
     recent_history,
 )
 from cascade.stages.gesr.config import GESRConfig
-from cascade.stages.gesr.cross import CrossContext, NROCrossAttention, ROCrossAttention
+from cascade.stages.gesr.cross import (
+    CrossContext,
+    NROCrossAttention,
+    ROCrossAttention,
+    block_keys,
+    block_values,
+)
 from cascade.stages.gesr.hma import HardMatchingAttention, HMAHistory, naive_counts
 from cascade.stages.gesr.mlpg import MLPG, UngatedFusion
 
@@ -77,27 +83,57 @@ def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Seque
 
 
 @dataclass(frozen=True)
+class SelfContext:
+    """The history side of target-aware self attention for the serving path (silu kind)."""
+
+    hist: object  # TargetAwareEncoder HistoryState
+    k: tuple[Tensor, ...]  # per layer (B, d, H N) block-diagonal history keys
+    v: tuple[Tensor, ...]  # per layer (B, H N, d) block-diagonal values, 0 at padding, / (len+1)
+    r: Tensor  # (B, 1, 1) 1 / (hist_len + 1): the silu attention's normaliser
+
+
+@dataclass(frozen=True)
 class RequestState:
     """Everything GESR computes once per request (B requests)."""
 
     u: Tensor  # (B, D) user tower output
     gates: Tensor | None  # (B, K, d) user part of the MLPG gates (MLPG on)
     enc: object | None  # TargetAwareEncoder HistoryState (self attention on)
+    self_ctx: SelfContext | None  # its block-diagonal form (self attention on, silu kind)
     nro: CrossContext | None  # NRO keys/values (nro on)
     ro_q: Tensor | None  # (B, H, R, d/H) RO queries (ro on)
     hma: HMAHistory | None  # HMA history structures (hma on)
 
 
+# the item-only fields that depend on the item's feature tokens (the cross-attention projections)
+TOKEN_FIELDS = ("nro_q", "ro_out", "ro_kv")
+
+
 @dataclass
 class ItemCache:
-    """Item-only quantities, for the catalogue (cache) or a batch's distinct items."""
+    """Item-only quantities of m items (the catalogue, or a batch's distinct items), packed as
+    the columns of one (m, W) matrix so that a candidate's are one row gather (`take`).
+    Fields: tower (D) and bias (1) of l0; gates (K d) the item part of the MLPG gates; the
+    self-attention candidate token x (d) and, for the silu kind, its first layer's scaled query
+    q, self term sv (the candidate attending to itself) and gate su = SiLU(u) (d each); nro_q
+    (F d) NRO queries; ro_out (d) T_ro of one-token items, else ro_kv (F 2d) RO keys|values."""
 
-    tower: Tensor  # (m, D) item tower outputs
-    bias: Tensor  # (m,) item bias of the primary logit
-    gates: Tensor | None  # (m, K, d) item part of the MLPG gates
-    cand_tokens: Tensor | None  # (m, d) self-attention candidate tokens
-    nro_q: Tensor | None  # (m, F, d) NRO queries
-    ro_kv: Tensor | None  # (m, F, 2d) RO keys|values
+    rows: Tensor  # (m, W)
+    cols: dict[str, tuple[int, int]]  # field -> (first column, width)
+
+    @classmethod
+    def pack(cls, fields: dict[str, Tensor]) -> "ItemCache":
+        """fields name -> (m, width) -> one (m, W) matrix."""
+        cols, at = {}, 0
+        for name, t in fields.items():
+            cols[name] = (at, t.shape[-1])
+            at += t.shape[-1]
+        return cls(rows=torch.cat(list(fields.values()), dim=-1), cols=cols)
+
+    def take(self, idx: Tensor) -> dict[str, Tensor]:
+        """idx (*shape) -> field -> (*shape, width) views of one gather."""
+        g = F.embedding(idx, self.rows)
+        return {name: g[..., a : a + w] for name, (a, w) in self.cols.items()}
 
 
 class GESRModel(nn.Module):
@@ -209,51 +245,73 @@ class GESRModel(nn.Module):
         """(item tower outputs (*, D), item biases (*)) of `ids`: the item side of l0."""
         c = self.cache
         if c is not None:
-            return c.tower[ids], c.bias[ids]
+            got = c.take(ids)
+            return got["tower"], got["bias"][..., 0]
         return self.item_tower(self.items(ids)), self.item_bias(ids).squeeze(-1)
 
-    def _item_quantities(self, ids: Tensor, *, tokens: bool = True) -> ItemCache:
-        """Item-only quantities for `ids` (any shape; the outputs add their dims after it).
-        `tokens=False` leaves out the cross-attention projections."""
-        emb = self.items(ids)  # (*, D)
-        tower = self.item_tower(emb)
-        emb_moa = self.to_moa(emb) if self.to_moa is not None else None  # (*, d)
-        tok = None
+    @property
+    def _silu_fast(self) -> bool:
+        """Self attention through the block-diagonal serving form (silu kind, torch impl)."""
+        enc = self.encoder
+        return enc is not None and enc.kind == "silu" and enc.impl in ("auto", "torch")
+
+    def _item_quantities(self, ids: Tensor, *, base: bool = True, tokens: bool = True) -> dict[str, Tensor]:
+        """Item-only fields (see `ItemCache`) of `ids` (m,), each (m, width). `base=False`
+        leaves out all but the cross-attention projections, `tokens=False` leaves those out."""
+        out: dict[str, Tensor] = {}
+        emb = self.items(ids)  # (m, D)
+        emb_moa = self.to_moa(emb) if self.to_moa is not None else None  # (m, d)
+        if base:
+            tower = self.item_tower(emb)
+            out["tower"], out["bias"] = tower, self.item_bias(ids)
+            if self.mlpg:
+                out["gates"] = self.fusion.item_gates(tower).flatten(-2)
+            if self.encoder is not None:
+                x = emb_moa + self.cand_type
+                out["x"] = x
+                if self._silu_fast:  # the first layer of a candidate depends on it alone
+                    layer, h = self.encoder.layers[0], self.encoder.n_heads
+                    u, v, q, k = layer.uvqk(layer.norm(x)).chunk(4, dim=-1)
+                    q = q / (q.shape[-1] // h) ** 0.5
+                    s_self = (q * k).unflatten(-1, (h, -1)).sum(-1, keepdim=True)  # (m, H, 1)
+                    out["q"] = q
+                    out["sv"] = (F.silu(s_self) * v.unflatten(-1, (h, -1))).flatten(-2)
+                    out["su"] = F.silu(u)
         if tokens and (self.nro is not None or self.ro is not None):
-            tok = self.to_moa(self.items.tokens(ids))  # (*, F, d)
-        nro_q = ro_kv = None
-        if tok is not None and self.nro is not None:
-            nro_q = self.nro.item_queries(tok if self.cfg.nro_queries == "features" else emb_moa[..., None, :])
-        if tok is not None and self.ro is not None:
-            ro_kv = self.ro.item_kv(tok)
-        return ItemCache(
-            tower=tower,
-            bias=self.item_bias(ids).squeeze(-1),
-            gates=self.fusion.item_gates(tower) if self.mlpg else None,
-            cand_tokens=emb_moa + self.cand_type if self.encoder is not None else None,
-            nro_q=nro_q,
-            ro_kv=ro_kv,
-        )
+            tok = self.to_moa(self.items.tokens(ids))  # (m, F, d)
+            if self.nro is not None:
+                q_tok = tok if self.cfg.nro_queries == "features" else emb_moa[:, None, :]
+                out["nro_q"] = self.nro.item_queries(q_tok).flatten(-2)
+            if self.ro is not None:
+                kv = self.ro.item_kv(tok)  # (m, F, 2d)
+                if kv.shape[1] == 1:
+                    out["ro_out"] = self.ro.single_token(kv)
+                else:
+                    out["ro_kv"] = kv.flatten(-2)
+        return out
+
+    def _token_width(self) -> int:
+        """Columns of the cross-attention fields per item."""
+        d, f = self.cfg.moa_dim, self.items.n_parts
+        w = 0
+        if self.nro is not None:
+            w += d * (f if self.cfg.nro_queries == "features" else 1)
+        if self.ro is not None:
+            w += d if f == 1 else 2 * d * f
+        return w
 
     @torch.no_grad()
     def cache_items(self, chunk: int = 65536) -> ItemCache:
         """Compute the item-only quantities for the whole catalogue (switches to eval mode).
         The cross-attention item projections are left out above `TOKEN_CACHE_LIMIT_BYTES`."""
         self.eval()
-        d = self.cfg.moa_dim
-        tok_bytes = 4 * self.n_items * self.items.n_parts * d * (int(self.nro is not None) + 2 * int(self.ro is not None))
-        tokens = tok_bytes <= TOKEN_CACHE_LIMIT_BYTES
+        tokens = 4 * self.n_items * self._token_width() <= TOKEN_CACHE_LIMIT_BYTES
         dev = self.item_bias.weight.device
         parts = [
             self._item_quantities(torch.arange(lo, min(lo + chunk, self.n_items), device=dev), tokens=tokens)
             for lo in range(0, self.n_items, chunk)
         ]
-        fields = ("tower", "bias", "gates", "cand_tokens", "nro_q", "ro_kv")
-        cat = {
-            f: (None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]))
-            for f in fields
-        }
-        self._cache = ItemCache(**cat)
+        self._cache = ItemCache.pack({f: torch.cat([p[f] for p in parts]) for f in parts[0]})
         return self._cache
 
     @property
@@ -261,24 +319,21 @@ class GESRModel(nn.Module):
         """The catalogue cache, only in eval mode (training changes the weights)."""
         return None if self.training else self._cache
 
-    def _item_side(self, cand: Tensor) -> tuple[ItemCache, Tensor]:
-        """(quantities, index) such that quantities.x[index] is x for every candidate: the
-        catalogue cache indexed by the ids, or (training, no cache) the quantities of the
-        batch's distinct ids indexed by the inverse map, so each distinct item goes through
-        the item-side layers once per batch however many requests it appears in."""
+    def _item_side(self, cand: Tensor) -> dict[str, Tensor]:
+        """field -> (B, n, width) for every candidate: the catalogue cache's rows, or (training,
+        no cache) the quantities of the batch's distinct ids gathered by the inverse map, so
+        each distinct item goes through the item-side layers once per batch however many
+        requests it appears in."""
         c = self.cache
-        missing = c is not None and (
-            (self.nro is not None and c.nro_q is None) or (self.ro is not None and c.ro_kv is None)
-        )
-        if c is not None and not missing:
-            return c, cand
-        ids, inv = torch.unique(cand, return_inverse=True)
-        fresh = self._item_quantities(ids)
-        if c is not None:  # cached towers and gates, per-batch cross-attention projections
-            keep = {f: (None if getattr(c, f) is None else getattr(c, f)[ids])
-                    for f in ("tower", "bias", "gates", "cand_tokens")}
-            return ItemCache(**keep, nro_q=fresh.nro_q, ro_kv=fresh.ro_kv), inv
-        return fresh, inv
+        if c is None:
+            ids, inv = torch.unique(cand, return_inverse=True)
+            return ItemCache.pack(self._item_quantities(ids)).take(inv)
+        got = c.take(cand)
+        if self._token_width() and not any(f in c.cols for f in TOKEN_FIELDS):
+            # a catalogue too large for the cross-attention fields: those per batch
+            ids, inv = torch.unique(cand, return_inverse=True)
+            got.update(ItemCache.pack(self._item_quantities(ids, base=False)).take(inv))
+        return got
 
     # -- request side --------------------------------------------------------------------------
     def _user(self, batch: RequestBatch, hist: Tensor) -> Tensor:
@@ -295,6 +350,18 @@ class GESRModel(nn.Module):
         null = self.null_token.expand(u.shape[0], 1, -1)
         return torch.cat([null, self.user_to_moa(tokens)], dim=1)
 
+    def _self_context(self, enc: object) -> SelfContext:
+        """The cached history K/V of every layer in block-diagonal form (per request)."""
+        r = 1.0 / (enc.hist_len.to(enc.keys[0].dtype) + 1.0)  # (B,)
+        n = enc.keys[0].shape[2]
+        keep = (torch.arange(n, device=r.device)[None, :] < enc.hist_len[:, None]) * r[:, None]
+        return SelfContext(
+            hist=enc,
+            k=tuple(block_keys(k) for k in enc.keys),
+            v=tuple(block_values(v * keep[:, None, :, None]) for v in enc.values),
+            r=r[:, None, None],
+        )
+
     def encode_request(self, batch: RequestBatch) -> RequestState:
         """Everything that depends on the request only, computed once per request."""
         batch = recent_history(batch, self.cfg.moa.history_len)
@@ -303,10 +370,12 @@ class GESRModel(nn.Module):
         u = self._user(batch, hist)  # (B, D)
         hist_moa = self.to_moa(hist) * mask[..., None] if self.to_moa is not None else None  # (B, N, d)
         user_tokens = self._user_tokens(batch.user_feats, u) if self.user_to_moa is not None else None
+        enc = self.encoder.encode_history(hist_moa, batch.hist_len) if self.encoder is not None else None
         return RequestState(
             u=u,
             gates=self.fusion.user_gates(u) if self.mlpg else None,
-            enc=self.encoder.encode_history(hist_moa, batch.hist_len) if self.encoder is not None else None,
+            enc=enc,
+            self_ctx=self._self_context(enc) if self._silu_fast else None,
             nro=self.nro.context(hist_moa, mask, user_tokens) if self.nro is not None else None,
             ro_q=self.ro.queries(user_tokens) if self.ro is not None else None,
             hma=(
@@ -317,25 +386,55 @@ class GESRModel(nn.Module):
         )
 
     # -- scoring -------------------------------------------------------------------------------
+    def _self_attention(self, ctx: SelfContext, item: dict[str, Tensor]) -> Tensor:
+        """T_self (B, n, d) of the candidates against the cached history, silu kind: per layer
+        the heads' logits are one product with the block-diagonal keys, the attention output
+        one more with the block-diagonal values plus the candidate's own (item-only) term; the
+        first layer's candidate projections come from the item cache. The same arithmetic as
+        `TargetAwareEncoder.score_candidates` (the kernel's torch path), regrouped."""
+        inplace = not torch.is_grad_enabled()
+        x, q, sv, su = item["x"], item["q"], item["sv"], item["su"]
+        h = self.encoder.n_heads
+        for i, layer in enumerate(self.encoder.layers):
+            if i > 0:  # later layers: the candidate's projections depend on the request
+                u, v, q, k = layer.uvqk(layer.norm(x)).chunk(4, dim=-1)
+                q = q / (q.shape[-1] // h) ** 0.5
+                s_self = (q * k).unflatten(-1, (h, -1)).sum(-1, keepdim=True)
+                sv = (F.silu(s_self) * v.unflatten(-1, (h, -1))).flatten(-2)
+                su = F.silu(u)
+            w = F.silu(torch.matmul(q, ctx.k[i]), inplace=inplace)  # (B, n, H N)
+            a = torch.baddbmm(sv * ctx.r, w, ctx.v[i])  # (B, n, d), heads concatenated
+            x = x + layer.drop(layer.proj(su * layer.attn_norm(a)))
+        return self.encoder.final_norm(x)
+
     def score_candidates(
         self, state: RequestState, cand: Tensor, *, with_primary: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """cand (B, n) int64 -> logits (B, n) (and the primary logit l0 when asked)."""
-        c, idx = self._item_side(cand)
-        l0 = torch.einsum("bd,bnd->bn", state.u, c.tower[idx]) + c.bias[idx] + self.global_bias
+        item = self._item_side(cand)
+        l0 = torch.matmul(item["tower"], state.u[:, :, None])[..., 0]  # (B, n)
+        l0 = l0 + item["bias"][..., 0] + self.global_bias
         if self.fusion is None:
             return (l0, l0) if with_primary else l0
         embs: dict[str, Tensor] = {}  # each (B, n, d)
+        b, n = cand.shape
         if self.hma is not None:
             embs["match"] = self.hma(state.hma, cand)
         if self.encoder is not None:
-            embs["self"] = self.encoder.score_candidates(state.enc, c.cand_tokens[idx])
+            if state.self_ctx is not None:
+                embs["self"] = self._self_attention(state.self_ctx, item)
+            else:
+                embs["self"] = self.encoder.score_candidates(state.enc, item["x"])
         if self.nro is not None:
-            embs["nro"] = self.nro(state.nro, c.nro_q[idx])
+            embs["nro"] = self.nro(state.nro, item["nro_q"].unflatten(-1, (-1, self.cfg.moa_dim)))
         if self.ro is not None:
-            embs["ro"] = self.ro(state.ro_q, c.ro_kv[idx])
+            if "ro_out" in item:
+                embs["ro"] = item["ro_out"]
+            else:
+                embs["ro"] = self.ro(state.ro_q, item["ro_kv"].unflatten(-1, (-1, 2 * self.cfg.moa_dim)))
         if self.mlpg:
-            logit = self.fusion(l0, state.gates, c.gates[idx], embs)
+            gates = item["gates"].unflatten(-1, (len(self.modules_on), -1))  # (B, n, K, d)
+            logit = self.fusion(l0, state.gates, gates, embs)
         else:
             logit = self.fusion(l0, embs)
         return (logit, l0) if with_primary else logit

@@ -47,7 +47,7 @@ from cascade.stages.base import FitContext, register
 from cascade.stages.gesr.config import GESRConfig
 from cascade.stages.gesr.model import GESRModel, bce_with_mask
 from cascade.stages.gesr.sampling import InterestSampler
-from cascade.stages.features import subsample
+from cascade.stages.features import recent_history, subsample
 from cascade.stages.learned import LearnedStage
 from cascade.stages.training import fit_model, sampled_mrr
 
@@ -109,6 +109,12 @@ def normalized_entropy(
     p = n_pos / n_all
     h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
     return {"ne": sums["l"] / n_all / h, "ne_primary": sums["l0"] / n_all / h}
+
+
+def _trim(batch: RequestBatch) -> RequestBatch:
+    """The batch without the history columns that are padding in every request."""
+    longest = int(batch.hist_len.max()) if len(batch) else 0
+    return recent_history(batch, max(longest, 1))
 
 
 @register("esr", "gesr")
@@ -223,18 +229,22 @@ class GESRStage(LearnedStage):
     @torch.inference_mode()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """candidates (B, K) int64 -> (B, K) float32: history encoded once per request, all
-        candidates scored in one batched call against the catalogue cache."""
+        candidates scored in one batched call against the catalogue cache. Requests are
+        grouped by history length, and each group's histories are cut to its longest one: the
+        per-pair attention then spans the group's real events, not the batch's padding (the
+        padding contributes nothing, so the scores are the same)."""
         model = self.fitted_model()
         b, n = candidates.shape
         step = max(1, self.config.score_chunk_pairs // max(n, 1))
         scorer = self._scorer(model)
         if b <= step:
-            return scorer(batch, candidates).float()
-        parts = []
+            return scorer(_trim(batch), candidates).float()
+        order = torch.argsort(batch.hist_len, stable=True)
+        out = torch.empty(b, n, dtype=torch.float32, device=candidates.device)
         for lo in range(0, b, step):
-            rows = torch.arange(lo, min(lo + step, b), device=candidates.device)
-            parts.append(scorer(batch.select(rows), candidates[lo : lo + step]))
-        return torch.cat(parts).float()
+            rows = order[lo : lo + step]
+            out[rows] = scorer(_trim(batch.select(rows)), candidates[rows]).float()
+        return out
 
     def _scorer(self, model: GESRModel) -> Callable[[RequestBatch, Tensor], Tensor]:
         """model.score, compiled once per stage when `compile` is on."""

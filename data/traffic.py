@@ -8,7 +8,7 @@ of requests never materialises (requests x history) arrays and no Python runs pe
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
 import numpy as np
@@ -49,6 +49,15 @@ class RequestBatch:
     def select(self, idx: Tensor) -> "RequestBatch":
         """Rows `idx` of the batch (used to split work or drop requests)."""
         return RequestBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def trimmed(self) -> "RequestBatch":
+        """The batch with its history columns cut to its longest history (at least one column):
+        the same requests, without the padding no row uses."""
+        n = max(int(self.hist_len.max()) if len(self) else 0, 1)
+        if n >= self.hist_items.shape[1]:
+            return self
+        return replace(self, hist_items=self.hist_items[:, :n], hist_actions=self.hist_actions[:, :n],
+                       hist_gaps=self.hist_gaps[:, :n])
 
 
 _EVENT_ARRAYS: dict[int, tuple[weakref.ref, tuple]] = {}

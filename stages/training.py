@@ -281,7 +281,7 @@ def fit_model(
                 if step >= steps:
                     break
                 ts = time.perf_counter()
-                loss = loss_fn(batch.to(ctx.device), gen)
+                loss = loss_fn(batch.trimmed().to(ctx.device), gen)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{desc}: training loss became {loss.item()} at epoch {epoch}")
                 to = time.perf_counter()

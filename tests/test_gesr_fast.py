@@ -98,7 +98,7 @@ import torch.nn.functional as F  # noqa: E402
 from cascade.data.splits import make_split, training_requests  # noqa: E402
 from cascade.data.traffic import Traffic  # noqa: E402
 from cascade.stages.gesr import GESRConfig, GESRStage, MoAConfig  # noqa: E402
-from cascade.stages.gesr.cross import NROCrossAttention  # noqa: E402
+from cascade.stages.gesr.cross import NROCrossAttention, ROCrossAttention  # noqa: E402
 from test_gesr import multi_dataset, perturbed  # noqa: E402
 
 SERVING = {  # (MoA config, GESR config overrides)
@@ -183,3 +183,22 @@ def test_nro_block_diagonal_attention_equals_sdpa():
         att = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None, None])
         want = nro.norm(nro.out(att.transpose(1, 2).reshape(b, n, f, 8).mean(2)))
     torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("f", [1, 2, 3])
+def test_ro_serving_form_equals_reference(f):
+    """RO cross attention from the cached item fields (one token: T_ro itself; two: the
+    sigmoid of the key difference; more: block-diagonal queries) vs the per-head reference,
+    with and without autograd (training runs the serving form)."""
+    torch.manual_seed(f)
+    ro = ROCrossAttention(8, heads=2)
+    b, n, r = 3, 5, 3
+    user = torch.randn(b, r, 8) * 2
+    kv = ro.item_kv(torch.randn(b * n, f, 8) * 2)  # (m, F, 2D)
+    want = ro(ro.queries(user), kv.view(b, n, f, -1))
+    fields = {k: v.view(b, n, -1) for k, v in ro.item_fields(kv).items()}
+    got = ro.score_items(ro.context(user), fields)
+    assert want.std() > 0.5
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(ro.score_items(ro.context(user), fields), want, **tol(torch.float32))

@@ -23,6 +23,8 @@ Serving decomposition:
   `ROCrossAttention.item_kv`) are computed for the whole catalogue once after training and
   gathered at scoring time (`GESRModel.cache_items`); with one token per item the RO attention
   has a single key, its weights are all 1 and T_ro is item-only (`ROCrossAttention.single_token`);
+  with two, a softmax over two logits is a sigmoid of the key difference, so an item keeps
+  k_0 - k_1, v_1 and v_0 - v_1 (`ROCrossAttention.item_fields`, `score_items`);
 - all candidates of a batch go through one batched product; no Python loop per candidate.
 [ours] The user/context token set always contains a learned "null" token, so a request with an
 empty history and no user features still has a key to attend to (no all-masked softmax rows).
@@ -63,6 +65,14 @@ class CrossContext:
     k: Tensor  # (B, H d_h, H S) block-diagonal keys (history then user/context), / sqrt(d_h)
     bias: Tensor  # (B, 1, H S) logit bias: 0 at real tokens, -inf at padding
     v: Tensor  # (B, H S, D) block-diagonal values through the output projection
+
+
+@dataclass(frozen=True)
+class ROContext:
+    """Request-side queries for RO cross attention (projected once per request)."""
+
+    q: Tensor  # (B, H d_h, H R) block-diagonal queries, / sqrt(d_h)
+    mean: Tensor  # (H R, H d_h): the mean over a head's R queries, spread over its d_h columns
 
 
 class NROCrossAttention(nn.Module):
@@ -133,7 +143,7 @@ class ROCrossAttention(nn.Module):
         return self.norm(self.out(v.flatten(-2)))
 
     def forward(self, q: Tensor, cand_kv: Tensor) -> Tensor:
-        """q (B, H, R, d), cand_kv (B, n, F, 2D) -> T_ro (B, n, D).
+        """q (B, H, R, d), cand_kv (B, n, F, 2D) -> T_ro (B, n, D). The reference form.
 
         The R query outputs are averaged, and v does not depend on the query, so the mean of
         the R softmax-weighted sums is one sum weighted by the mean of the R weight vectors."""
@@ -144,3 +154,48 @@ class ROCrossAttention(nn.Module):
         w = torch.softmax(logits.view(b, n, f, h, -1) / q.shape[-1] ** 0.5, dim=2).mean(-1)
         att = (w[..., None] * v).sum(dim=2)  # (B, n, H, d)
         return self.norm(self.out(att.flatten(-2)))
+
+    # -- serving form: heads side by side, one product per request ------------------------
+    def context(self, user_tokens: Tensor) -> ROContext:
+        """(B, R, D) -> the block-diagonal queries and the head-mean matrix, once per request."""
+        q = self.queries(user_tokens)  # (B, H, R, d)
+        h, r, e = q.shape[1:]
+        ones = torch.ones(1, h, r, e, dtype=q.dtype, device=q.device)
+        return ROContext(q=block_keys(q) / e**0.5, mean=block_values(ones)[0] / r)
+
+    def item_fields(self, item_kv: Tensor) -> dict[str, Tensor]:
+        """(m, F, 2D) keys|values -> the item-only fields `score_items` reads (heads
+        concatenated): F = 1 T_ro itself ("ro_out"); F = 2 the key difference k_0 - k_1
+        ("ro_dk"), v_1 ("ro_v") and v_0 - v_1 ("ro_dv"); F > 2 all keys ("ro_k", F D) and
+        values ("ro_v", F D)."""
+        m, f, _ = item_kv.shape
+        if f == 1:
+            return {"ro_out": self.single_token(item_kv)}
+        kv = item_kv.unflatten(-1, (self.heads, 2, -1))  # (m, F, H, k|v, d)
+        k, v = kv[..., 0, :].flatten(-2), kv[..., 1, :].flatten(-2)  # (m, F, D)
+        if f == 2:
+            return {"ro_dk": k[:, 0] - k[:, 1], "ro_v": v[:, 1], "ro_dv": v[:, 0] - v[:, 1]}
+        return {"ro_k": k.flatten(-2), "ro_v": v.flatten(-2)}
+
+    def score_items(self, ctx: ROContext, item: dict[str, Tensor]) -> Tensor:
+        """The fields of `item_fields` for (B, n) candidates -> T_ro (B, n, D), equal to
+        `forward`. Each head's logits of all R queries are one product with the block-diagonal
+        queries, and the mean over R, spread over the head's d columns, one product with
+        `ctx.mean`. Two keys: a softmax over two logits is the sigmoid of their difference, so
+        the mean weight w of key 0 is mean_r sigmoid((k_0 - k_1) q_r) and the attention output
+        v_1 + w (v_0 - v_1)."""
+        inplace = not torch.is_grad_enabled()
+        if "ro_out" in item:
+            return item["ro_out"]
+        if "ro_dk" in item:
+            s = torch.matmul(item["ro_dk"], ctx.q)  # (B, n, H R)
+            s = s.sigmoid_() if inplace else s.sigmoid()
+            att = torch.addcmul(item["ro_v"], torch.matmul(s, ctx.mean), item["ro_dv"])  # (B, n, D)
+        else:
+            b, n, fd = item["ro_k"].shape
+            d = ctx.mean.shape[-1]
+            k = item["ro_k"].reshape(b, n * (fd // d), d)
+            s = torch.bmm(k, ctx.q).view(b, n, fd // d, -1)  # (B, n, F, H R)
+            w = torch.matmul(torch.softmax(s, dim=2), ctx.mean)  # (B, n, F, D)
+            att = (w * item["ro_v"].view(b, n, -1, d)).sum(2)
+        return self.norm(self.out(att))

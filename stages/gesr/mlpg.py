@@ -81,18 +81,22 @@ class MLPG(nn.Module):
     def forward(self, l0: Tensor, gu: Tensor, gi: Tensor, embs: dict[str, Tensor]) -> Tensor:
         """gu (B, K, d), gi (B, n, K, d), embs name -> (B, n, d) -> l (B, n) = l0 + sum_k
         beta_k l_k, with the gate's factor 2 folded into the first layers and beta into the last
-        ones (so the K logits l_k are never materialised). One embedding at a time: each is a
-        (B n, d) x (d, h) product straight from the module's output, no (B, n, K, d) stack."""
+        ones (so the K logits l_k are never materialised). The K gates are one add and one
+        sigmoid; then one embedding at a time, each a (B n, d) x (d, h) product (bias fused)
+        straight from the module's output, no (B, n, K, d) stack of the embeddings, and its
+        logit accumulated in place (no grad) by one matrix-vector product."""
         m = self.mlps
         w1, w2 = m.w1 * 2.0, m.w2 * self.beta[:, None]  # (K, d, h), (K, h)
-        out = l0 + m.b2 @ self.beta
         inplace = not torch.is_grad_enabled()
+        g = gi + gu[:, None]  # (B, n, K, d); g_k = 2 * sigmoid(this)
+        g = g.sigmoid_() if inplace else g.sigmoid()
+        out = (l0 + m.b2 @ self.beta).reshape(-1)  # (B n,)
         for k, name in enumerate(self.names):
-            g = torch.sigmoid(gi[..., k, :] + gu[:, None, k])  # (B, n, d); g_k = 2 * this
-            x = g.mul_(embs[name]) if inplace else g * embs[name]
-            h = F.silu(torch.matmul(x, w1[k]) + m.b1[k], inplace=inplace)  # (B, n, h)
-            out = out + torch.matmul(h, w2[k])
-        return out
+            x = (g[..., k, :] * embs[name]).flatten(0, -2)  # (B n, d)
+            h = torch.addmm(m.b1[k], x, w1[k])  # (B n, h)
+            h = F.silu(h, inplace=inplace)
+            out = out.addmv_(h, w2[k]) if inplace else torch.addmv(out, h, w2[k])
+        return out.view(l0.shape)
 
 
 class UngatedFusion(nn.Module):

@@ -64,6 +64,7 @@ from cascade.stages.gesr.config import GESRConfig
 from cascade.stages.gesr.cross import (
     CrossContext,
     NROCrossAttention,
+    ROContext,
     ROCrossAttention,
     block_keys,
     block_values,
@@ -101,12 +102,12 @@ class RequestState:
     enc: object | None  # TargetAwareEncoder HistoryState (self attention on)
     self_ctx: SelfContext | None  # its block-diagonal form (self attention on, silu kind)
     nro: CrossContext | None  # NRO keys/values (nro on)
-    ro_q: Tensor | None  # (B, H, R, d/H) RO queries (ro on)
+    ro: ROContext | None  # RO queries (ro on)
     hma: HMAHistory | None  # HMA history structures (hma on)
 
 
 # the item-only fields that depend on the item's feature tokens (the cross-attention projections)
-TOKEN_FIELDS = ("nro_q", "ro_out", "ro_kv")
+TOKEN_FIELDS = ("nro_q", "ro_out", "ro_dk", "ro_k")
 
 
 @dataclass
@@ -116,7 +117,8 @@ class ItemCache:
     Fields: tower (D) and bias (1) of l0; gates (K d) the item part of the MLPG gates; the
     self-attention candidate token x (d) and, for the silu kind, its first layer's scaled query
     q, self term sv (the candidate attending to itself) and gate su = SiLU(u) (d each); nro_q
-    (F d) NRO queries; ro_out (d) T_ro of one-token items, else ro_kv (F 2d) RO keys|values."""
+    (F d) NRO queries; the RO fields of `ROCrossAttention.item_fields`: ro_out (d) T_ro of
+    one-token items, for two tokens ro_dk, ro_v, ro_dv (d each), else ro_k, ro_v (F d each)."""
 
     rows: Tensor  # (m, W)
     cols: dict[str, tuple[int, int]]  # field -> (first column, width)
@@ -283,11 +285,7 @@ class GESRModel(nn.Module):
                 q_tok = tok if self.cfg.nro_queries == "features" else emb_moa[:, None, :]
                 out["nro_q"] = self.nro.item_queries(q_tok).flatten(-2)
             if self.ro is not None:
-                kv = self.ro.item_kv(tok)  # (m, F, 2d)
-                if kv.shape[1] == 1:
-                    out["ro_out"] = self.ro.single_token(kv)
-                else:
-                    out["ro_kv"] = kv.flatten(-2)
+                out.update(self.ro.item_fields(self.ro.item_kv(tok)))  # tok: (m, F, d)
         return out
 
     def _token_width(self) -> int:
@@ -297,7 +295,7 @@ class GESRModel(nn.Module):
         if self.nro is not None:
             w += d * (f if self.cfg.nro_queries == "features" else 1)
         if self.ro is not None:
-            w += d if f == 1 else 2 * d * f
+            w += d if f == 1 else 3 * d if f == 2 else 2 * d * f
         return w
 
     @torch.no_grad()
@@ -377,7 +375,7 @@ class GESRModel(nn.Module):
             enc=enc,
             self_ctx=self._self_context(enc) if self._silu_fast else None,
             nro=self.nro.context(hist_moa, mask, user_tokens) if self.nro is not None else None,
-            ro_q=self.ro.queries(user_tokens) if self.ro is not None else None,
+            ro=self.ro.context(user_tokens) if self.ro is not None else None,
             hma=(
                 self.hma.history(batch.hist_items, batch.hist_actions, batch.hist_len)
                 if self.hma is not None
@@ -428,10 +426,7 @@ class GESRModel(nn.Module):
         if self.nro is not None:
             embs["nro"] = self.nro(state.nro, item["nro_q"].unflatten(-1, (-1, self.cfg.moa_dim)))
         if self.ro is not None:
-            if "ro_out" in item:
-                embs["ro"] = item["ro_out"]
-            else:
-                embs["ro"] = self.ro(state.ro_q, item["ro_kv"].unflatten(-1, (-1, 2 * self.cfg.moa_dim)))
+            embs["ro"] = self.ro.score_items(state.ro, item)
         if self.mlpg:
             gates = item["gates"].unflatten(-1, (len(self.modules_on), -1))  # (B, n, K, d)
             logit = self.fusion(l0, state.gates, gates, embs)

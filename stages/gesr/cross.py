@@ -188,9 +188,11 @@ class ROCrossAttention(nn.Module):
         if "ro_out" in item:
             return item["ro_out"]
         if "ro_dk" in item:
-            s = torch.matmul(item["ro_dk"], ctx.q)  # (B, n, H R)
+            # the queries as the left factor read the gathered keys in place (see model.py's l0)
+            s = torch.matmul(ctx.q.transpose(1, 2), item["ro_dk"].transpose(1, 2))  # (B, H R, n)
             s = s.sigmoid_() if inplace else s.sigmoid()
-            att = torch.addcmul(item["ro_v"], torch.matmul(s, ctx.mean), item["ro_dv"])  # (B, n, D)
+            w = torch.matmul(s.transpose(1, 2), ctx.mean)  # (B, n, D)
+            att = torch.addcmul(item["ro_v"], w, item["ro_dv"])  # (B, n, D)
         else:
             b, n, fd = item["ro_k"].shape
             d = ctx.mean.shape[-1]

@@ -410,7 +410,9 @@ class GESRModel(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """cand (B, n) int64 -> logits (B, n) (and the primary logit l0 when asked)."""
         item = self._item_side(cand)
-        l0 = torch.matmul(item["tower"], state.u[:, :, None])[..., 0]  # (B, n)
+        # u as the left factor: (B, 1, D) x (B, D, n) reads the candidates' tower columns in
+        # place from the gathered rows (the other way round, their row stride costs ~3x)
+        l0 = torch.matmul(state.u[:, None, :], item["tower"].transpose(1, 2))[:, 0]  # (B, n)
         l0 = l0 + item["bias"][..., 0] + self.global_bias
         if self.fusion is None:
             return (l0, l0) if with_primary else l0

@@ -156,5 +156,31 @@ class Traffic:
         for i in range(0, len(order), batch_size):
             yield self.batch(order[i : i + batch_size])
 
+    def length_batches(
+        self, batch_size: int, *, seed: int = 0, pool: int = 64
+    ) -> Iterator[RequestBatch]:
+        """Shuffled batches of requests with similar history lengths, each trimmed to its longest
+        history (`RequestBatch.trimmed`): every request once per pass, as `batches(shuffle=True)`,
+        with little padding on a log of mostly short histories (the Amazon Toys file: a median
+        of 3 events against a width of 50). The requests are shuffled and cut into pools of
+        `pool` batches; each pool is sorted by history length and cut into batches, and the
+        batches are shuffled. A batch of short histories holds fewer events than one of long
+        histories: a loss that averages over events should weight the batch by its event count
+        (see `history_events`)."""
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self))
+        length = self.history_lengths()
+        batches = []
+        for i in range(0, len(order), batch_size * pool):
+            part = order[i : i + batch_size * pool]
+            part = part[np.argsort(length[part], kind="stable")]
+            batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+        for k in rng.permutation(len(batches)):
+            yield self.batch(batches[k]).trimmed()
+
+    def history_lengths(self) -> np.ndarray:
+        """(R,) each request's history length (its events before `pos`, at most `max_len`)."""
+        return np.minimum(self.pos, self.max_len)
+
     def n_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)

@@ -80,8 +80,8 @@ aten = torch.ops.aten
 def brief(stage: str, steps: int) -> dict:
     loop = {"epochs": 1, "max_steps_per_epoch": steps}
     config: dict = {"train": loop, "valid_requests": 256}
-    if stage == "gesr":
-        config["pretrain"] = loop  # else its tower phase runs its own 6 x 120 steps
+    if stage in ("gesr", "lsr"):
+        config["pretrain"] = loop  # else their first phases run their own schedules
     return {"stage": stage, "config": config}
 
 

@@ -43,7 +43,8 @@ TARGET_OVERHEAD = 0.15
 
 
 def brief(stage: str, steps: int) -> dict:
-    return {"stage": stage, "config": {"train": {"epochs": 1, "max_steps_per_epoch": steps}}}
+    loop = {"epochs": 1, "max_steps_per_epoch": steps}
+    return {"stage": stage, "config": {"train": loop, **({"pretrain": loop} if stage in ("gesr", "lsr") else {})}}
 
 
 def one_pass(backend, funnel, test, kw: dict):

@@ -46,7 +46,7 @@ CONFIG = """\
 data = "synthetic:tiny"
 retrieval = {stage = "twotower", config = {dim = 16, train = {epochs = 2, max_steps_per_epoch = 8}}}
 esr = "popular"
-lsr = {stage = "lsr", config = {dim = 16, train = {epochs = 2, max_steps_per_epoch = 8}}}
+lsr = {stage = "lsr", config = {dim = 16, train = {epochs = 2, max_steps_per_epoch = 8}, pretrain = {epochs = 1, max_steps_per_epoch = 8}}}
 oracle_requests = 50
 reference_requests = 50
 [split]

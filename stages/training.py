@@ -246,10 +246,15 @@ def fit_model(
     *,
     desc: str,
     train: Traffic | None = None,
+    by_length: bool = False,
+    validate_first: bool = False,
 ) -> dict:
     """Train `model` in place with AdamW (with `cfg.sparse_embeddings`: SparseAdam for the id
     tables) and early stopping; restore the best epoch's weights. Returns a report: epochs run,
-    best epoch, best validation metric, seconds, final loss."""
+    best epoch, best validation metric, seconds, final loss. `by_length`: batches of similar
+    history length, trimmed (`Traffic.length_batches`), in place of uniformly shuffled ones.
+    `validate_first`: the weights it starts from are validated first and kept (best epoch -1)
+    unless an epoch beats them (a second phase that must not undo the first)."""
     traffic = ctx.train if train is None else train
     gen = seed_everything(ctx.seed)
     model.to(ctx.device)
@@ -264,6 +269,12 @@ def fit_model(
     best, best_epoch, best_state, bad = -math.inf, -1, None, 0
     history: list[dict] = []
     t0 = time.perf_counter()
+    if validate_first:  # the starting weights compete too (epoch -1): training cannot lose them
+        model.eval()
+        with torch.no_grad():
+            best = float(valid_fn())
+        history.append({"epoch": -1, "loss": None, "valid": best})
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step_s = opt_s = 0.0  # time in training steps, and in the optimiser's part of them
     for t in tables:  # serving is unchanged: only the backward pass differs
         t.sparse = True
@@ -275,9 +286,10 @@ def fit_model(
         for epoch in range(cfg.epochs):
             model.train()
             total, n = 0.0, 0
-            for step, batch in enumerate(
-                traffic.batches(cfg.batch_size, shuffle=True, seed=ctx.seed * 1000 + epoch)
-            ):
+            seed = ctx.seed * 1000 + epoch
+            batches = (traffic.length_batches(cfg.batch_size, seed=seed) if by_length
+                       else traffic.batches(cfg.batch_size, shuffle=True, seed=seed))
+            for step, batch in enumerate(batches):
                 if step >= steps:
                     break
                 ts = time.perf_counter()

@@ -35,3 +35,14 @@ def ml100k_path() -> Path:
     if not (p / "u.data").exists():
         pytest.skip(f"MovieLens 100k not found at {p}")
     return p
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models run faster (much faster on a loaded
+    machine), and parallel reductions (embedding gradients) sum in one order, so training twice
+    gives bit-identical weights."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

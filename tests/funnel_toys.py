@@ -210,7 +210,7 @@ def builtin_stage_specs(epochs: int = 1, steps: int = 30) -> dict:
     LSR lsr), each trained briefly."""
     def brief(stage: str) -> dict:
         train = {"epochs": epochs, "max_steps_per_epoch": steps}
-        config = {"train": train, **({"pretrain": train} if stage == "gesr" else {})}
+        config = {"train": train, **({"pretrain": train} if stage in ("gesr", "lsr") else {})}
         return {"stage": stage, "config": config}
 
     return {"retrieval": brief("twotower"), "esr": brief("gesr"),

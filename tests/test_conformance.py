@@ -17,7 +17,7 @@ from funnel_toys import CoocRetriever, MFRanker, NaNRanker, NoScore, PopRanker, 
 BRIEF = {"train": {"epochs": 1, "max_steps_per_epoch": 3}}
 SMALL = {
     "twotower": {"dim": 16, **BRIEF},
-    "lsr": {"dim": 16, "hidden": 32, "valid_requests": 50, **BRIEF},
+    "lsr": {"dim": 16, "hidden": 32, "valid_requests": 50, "pretrain": BRIEF["train"], **BRIEF},
     "gesr": {"dim": 16, "hidden": 16, "moa_dim": 8, "logit_hidden": 8, "hma_dim": 4,
              "valid_requests": 50, "pretrain": BRIEF["train"], **BRIEF},
 }

@@ -32,7 +32,7 @@ CONFIG = """\
 data = "synthetic:tiny"
 retrieval = {stage = "twotower", config = {dim = 16, train = {epochs = 1, max_steps_per_epoch = 5}}}
 esr = "popular"
-lsr = {stage = "lsr", config = {dim = 16, train = {epochs = 1, max_steps_per_epoch = 5}}}
+lsr = {stage = "lsr", config = {dim = 16, train = {epochs = 1, max_steps_per_epoch = 5}, pretrain = {epochs = 1, max_steps_per_epoch = 5}}}
 oracle = false
 reference = false
 [split]

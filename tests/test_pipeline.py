@@ -32,13 +32,7 @@ from funnel_toys import (
 TOYS = "funnel_toys"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one intra-op thread is faster, and much faster on a shared, loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,8 @@ BATCH = 16  # 200 test requests: 13 batches, so several shards per worker
 
 def brief(stage: str) -> dict:
     """A learned stage trained for a few steps: it goes through the checkpoint cache."""
-    return {"stage": stage, "config": {"train": {"epochs": 1, "max_steps_per_epoch": 5}}}
+    train = {"epochs": 1, "max_steps_per_epoch": 5}
+    return {"stage": stage, "config": {"train": train, **({"pretrain": train} if stage == "lsr" else {})}}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -135,7 +135,7 @@ def test_only_the_named_plugin_module_is_imported_from_the_current_directory(tmp
         retrieval = {stage = "twotower", config = {train = {epochs = 1, max_steps_per_epoch = 5}}}
         esr = "myesr:Ranker"
         esr_baseline = {stage = "twotower", config = {train = {epochs = 1, max_steps_per_epoch = 5}}}
-        lsr = {stage = "lsr", config = {train = {epochs = 1, max_steps_per_epoch = 5}}}
+        lsr = {stage = "lsr", config = {train = {epochs = 1, max_steps_per_epoch = 5}, pretrain = {epochs = 1, max_steps_per_epoch = 5}}}
         reference_requests = 50
         [split]
         max_requests = 100

@@ -166,3 +166,24 @@ def test_sparse_gradients_are_on_by_default_from_100k_items():
     assert uses_sparse_embeddings(TrainConfig(), 100_000)
     assert uses_sparse_embeddings(TrainConfig(sparse_embeddings=True), 10)
     assert not uses_sparse_embeddings(TrainConfig(sparse_embeddings=False), 10**6)
+
+
+@pytest.mark.parametrize("improves", [False, True])
+def test_validate_first_keeps_the_starting_weights_unless_an_epoch_beats_them(ctx, improves):
+    """`fit_model(validate_first=True)` (the LSR's joint phase after its pretraining): the
+    starting weights are epoch -1; when no epoch validates better they are what it returns."""
+    model = Tiny(ctx.dataset.n_items)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def loss_fn(batch, gen):
+        ids = torch.cat([batch.hist_items[:, :5].flatten(), batch.targets[:, 0]]).unique()
+        return model.loss(ids, torch.searchsorted(ids, batch.targets[:, 0]))
+
+    scores = iter([0.5, 0.6, 0.4] if improves else [0.5, 0.4, 0.3])
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, max_steps_per_epoch=3, patience=5)
+    report = fit_model(model, loss_fn, lambda: next(scores), ctx, cfg, desc="tiny",
+                       validate_first=True)
+    assert [h["epoch"] for h in report["history"]] == [-1, 0, 1]
+    kept = all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert report["best_epoch"] == (0 if improves else -1)
+    assert kept is (not improves)

@@ -314,3 +314,32 @@ def test_traffic_multiple_targets_and_bad_requests(synthetic_ds):
         bad = split.test.head(2).with_columns(pl.lit(value).cast(pl.Int64).alias(col))
         with pytest.raises(DataError, match=msg):
             Traffic(synthetic_ds, bad)
+
+
+def test_length_batches_cover_every_request_once_trimmed_and_of_similar_length(synthetic_ds):
+    """`Traffic.length_batches`: a pass holds every request once, each batch's rows equal
+    `batch()` of the same requests cut to the batch's longest history, and batches are far more
+    uniform in history length than uniformly shuffled ones (what makes them cheaper)."""
+    split = make_split(synthetic_ds)
+    tr = Traffic(synthetic_ds, training_requests(split), max_len=30)
+    row_of = {r: i for i, r in enumerate(tr.request_id.tolist())}
+    seen, spread, spread_random = [], [], []
+    for b in tr.length_batches(16, seed=4, pool=8):
+        ids = b.request_id.tolist()
+        seen += ids
+        width = b.hist_items.shape[1]
+        assert width == max(1, int(b.hist_len.max()))
+        full = tr.batch(np.array([row_of[r] for r in ids]))
+        assert torch.equal(b.hist_items, full.hist_items[:, :width])
+        assert torch.equal(b.hist_len, full.hist_len) and torch.equal(b.targets, full.targets)
+        assert (full.hist_items[:, width:] == 0).all()  # nothing but padding was cut
+        spread.append(int(b.hist_len.max() - b.hist_len.min()))
+    assert sorted(seen) == sorted(tr.request_id.tolist())
+    for b in tr.batches(16, shuffle=True, seed=4):
+        spread_random.append(int(b.hist_len.max() - b.hist_len.min()))
+    assert np.mean(spread) < 0.5 * np.mean(spread_random)
+    assert (tr.history_lengths() == tr.batch(np.arange(len(tr))).hist_len.numpy()).all()
+    # another seed, another order; the same seed, the same batches
+    first = [b.request_id.tolist() for b in tr.length_batches(16, seed=4, pool=8)]
+    assert first == [b.request_id.tolist() for b in tr.length_batches(16, seed=4, pool=8)]
+    assert first != [b.request_id.tolist() for b in tr.length_batches(16, seed=5, pool=8)]

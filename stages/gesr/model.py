@@ -54,20 +54,11 @@ from torch import Tensor, nn
 from cascade.data.dataset import Dataset, FeatureTable
 from cascade.data.traffic import RequestBatch
 from cascade.stages.features import (
-    HistoryTokenEmbedder,
-    ItemFeatureEmbedder,
-    UserFeatureEmbedder,
-    masked_mean,
-    recent_history,
+    HistoryTokenEmbedder, ItemFeatureEmbedder, UserFeatureEmbedder, masked_mean, recent_history,
 )
 from cascade.stages.gesr.config import GESRConfig
 from cascade.stages.gesr.cross import (
-    CrossContext,
-    NROCrossAttention,
-    ROContext,
-    ROCrossAttention,
-    block_keys,
-    block_values,
+    CrossContext, NROCrossAttention, ROContext, ROCrossAttention, block_keys, block_values,
 )
 from cascade.stages.gesr.hma import HardMatchingAttention, HMAHistory, naive_counts
 from cascade.stages.gesr.mlpg import MLPG, UngatedFusion

@@ -165,8 +165,8 @@ class Traffic:
         of 3 events against a width of 50). The requests are shuffled and cut into pools of
         `pool` batches; each pool is sorted by history length and cut into batches, and the
         batches are shuffled. A batch of short histories holds fewer events than one of long
-        histories: a loss that averages over events should weight the batch by its event count
-        (see `history_events`)."""
+        histories: a loss that averages over events should weight a batch by its event count
+        (`history_lengths`)."""
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self))
         length = self.history_lengths()

@@ -47,7 +47,7 @@ from cascade.stages.base import FitContext, register
 from cascade.stages.gesr.config import GESRConfig
 from cascade.stages.gesr.model import GESRModel, bce_with_mask
 from cascade.stages.gesr.sampling import InterestSampler
-from cascade.stages.features import recent_history, subsample
+from cascade.stages.features import subsample
 from cascade.stages.learned import LearnedStage
 from cascade.stages.training import fit_model, sampled_mrr
 
@@ -109,12 +109,6 @@ def normalized_entropy(
     p = n_pos / n_all
     h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
     return {"ne": sums["l"] / n_all / h, "ne_primary": sums["l0"] / n_all / h}
-
-
-def _trim(batch: RequestBatch) -> RequestBatch:
-    """The batch without the history columns that are padding in every request."""
-    longest = int(batch.hist_len.max()) if len(batch) else 0
-    return recent_history(batch, max(longest, 1))
 
 
 @register("esr", "gesr")
@@ -238,12 +232,12 @@ class GESRStage(LearnedStage):
         step = max(1, self.config.score_chunk_pairs // max(n, 1))
         scorer = self._scorer(model)
         if b <= step:
-            return scorer(_trim(batch), candidates).float()
+            return scorer(batch.trimmed(), candidates).float()
         order = torch.argsort(batch.hist_len, stable=True)
         out = torch.empty(b, n, dtype=torch.float32, device=candidates.device)
         for lo in range(0, b, step):
             rows = order[lo : lo + step]
-            out[rows] = scorer(_trim(batch.select(rows)), candidates[rows]).float()
+            out[rows] = scorer(batch.select(rows).trimmed(), candidates[rows]).float()
         return out
 
     def _scorer(self, model: GESRModel) -> Callable[[RequestBatch, Tensor], Tensor]:

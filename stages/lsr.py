@@ -305,6 +305,13 @@ class LSRModel(nn.Module):
                                 candidates, item, out, hist_out)
 
 
+def event_sequence(batch: RequestBatch) -> Tensor:
+    """(B, N+1): each window's history followed by its target, at position hist_len (so column
+    j + 1 is the item after history event j, what the history output at j predicts)."""
+    nxt = torch.cat([batch.hist_items, batch.targets[:, :1]], 1)
+    return nxt.scatter(1, batch.hist_len[:, None], batch.targets[:, :1])
+
+
 @dataclass(frozen=True)
 class Encoded:
     """A batch's encoded history, user features and raw history codes: all that scoring any
@@ -356,8 +363,7 @@ class LateStageRanker(LearnedStage):
             # prefix length l in 1..hist_len predicts event l (the window's target when l = len)
             frac = torch.rand(b * r, generator=gen).to(ctx.device)
             lens = (frac * batch.hist_len[rows]).long() + 1  # (B*R,)
-            nxt = torch.cat([batch.hist_items, batch.targets[:, :1]], 1)  # (B, N+1)
-            nxt = nxt.scatter(1, batch.hist_len[:, None], batch.targets[:, :1])
+            nxt = event_sequence(batch)  # (B, N+1)
             pos = nxt[rows, lens][:, None]  # (B*R, 1)
             neg = sampler.sample(b * r, cfg.n_negatives, gen)  # (B*R, n)
             cand = torch.cat([pos, neg], 1)
@@ -396,10 +402,9 @@ class LateStageRanker(LearnedStage):
         def next_item_only(batch: RequestBatch, gen: torch.Generator) -> Tensor:
             batch = recent_history(batch, model.width)
             enc = model.encode(batch)
-            nxt = torch.cat([batch.hist_items, batch.targets[:, :1]], 1)
-            nxt = nxt.scatter(1, batch.hist_len[:, None], batch.targets[:, :1])
             events = batch.hist_len.sum().float()
-            return next_item_loss(enc.state.output, nxt[:, 1:], batch, gen) * (events / per_batch)
+            return next_item_loss(enc.state.output, event_sequence(batch)[:, 1:], batch, gen) * (
+                events / per_batch)
 
         def valid_fn() -> float:
             if cfg.validation == "sampled_mrr":

@@ -37,13 +37,20 @@ ESR + LSR), per ESR variant. Elementwise work (HMA comparisons, masks, softmax) 
 so a ratio far above 1 says where the code, not the machine, sets the time. On a shared
 machine, `--threads 1` keeps torch's thread barriers from waiting on other jobs.
 
+On the data sets of `--index-datasets` (default: the 1M-item one) the retrieval stage is also
+served by each FAISS index of `--indexes` (index_factory strings; default Flat, HNSW32,
+IVF4096,Flat), built over the fitted stage's item vectors and timed on the same batches
+through the stage's own `retrieve`, with build time, size and recall@K against Flat
+(bench_indexes.py says exactly what is measured).
+
     python experiments/bench_roofline.py                            # ml-100k, Toys, 1M items
     python experiments/bench_roofline.py --datasets ml100k,toys     # skip the 1M-item catalogue
     python experiments/bench_roofline.py --datasets large --large-data synthetic:medium
+    python experiments/bench_roofline.py --datasets large --indexes Flat HNSW32 IVF1024,Flat
 
 Prints a rich table per data set and writes JSON (atomically) with the machine, versions, the
-measured GFLOP/s and GB/s, the exact shapes and every term to
-experiments/results/bench_roofline.json (or --out).
+measured GFLOP/s and GB/s, the exact shapes, every term and the index comparison (per data set,
+key `indexes`) to experiments/results/bench_roofline.json (or --out).
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+
+from bench_indexes import DEFAULT_INDEXES, compare_indexes, index_table  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "bench_roofline.json"
@@ -292,6 +301,12 @@ def bench_dataset(key: str, spec: str, args, device: torch.device, sync, console
         s["measured_ms"] = statistics.median(times[s["stage"]])
         s["pipeline_ms"] = statistics.median(piped[s["stage"]])
 
+    indexes = None
+    if key in args.index_datasets and args.indexes:
+        indexes = compare_indexes(
+            ret, batches, bud.retrieval, args.indexes, lambda fn: clock(fn, sync),
+            lambda m: console.print(f"[dim]{m}[/dim]"), nprobe=args.nprobe, ef_search=args.ef_search)
+
     gesr = esrs.get("gesr")
     hist = torch.cat([b.hist_len for b in batches]).float()
     return {
@@ -310,6 +325,7 @@ def bench_dataset(key: str, spec: str, args, device: torch.device, sync, console
         },
         "stages_config": {k: v.to_dict() for k, v in funnel.specs.items()},
         "stages": stages,
+        "indexes": indexes,
     }
 
 
@@ -332,6 +348,9 @@ def finish(rec: dict, machine: dict) -> None:
                                   "pipeline_ms": sum(p["pipeline_ms"] for p in parts)}
         for p in parts:
             p["share"][key[4:]] = p["measured_ms"] / ms
+    for r in rec["indexes"] or []:
+        if "error" not in r:  # the retrieval bound assumes the Flat scan
+            r["x_flat_bound"] = r["retrieve_ms"] / by["retrieval"]["bound_ms"]
     f = rec["funnel"]
     if "gesr" in f and "twotower" in f:
         rec["throughput_gesr_vs_twotower"] = f["twotower"]["measured_ms"] / f["gesr"]["measured_ms"]
@@ -362,6 +381,8 @@ def print_table(console: Console, rec: dict) -> None:
     if "throughput_gesr_vs_twotower" in rec:
         console.print(f"  throughput with GESR / with the two-tower ESR: "
                       f"{rec['throughput_gesr_vs_twotower']:.2f}x")
+    if rec["indexes"]:
+        console.print(index_table(rec))
 
 
 def main() -> None:
@@ -378,6 +399,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and FAISS threads (default: as they start, one per core)")
     ap.add_argument("--cache-dir", default=CACHE, help=f"checkpoint cache (default {CACHE})")
+    ap.add_argument("--indexes", nargs="*", default=list(DEFAULT_INDEXES), metavar="SPEC",
+                    help="FAISS index_factory strings compared on retrieval, space-separated "
+                         f"(default: {' '.join(DEFAULT_INDEXES)}; Flat, the reference, always "
+                         "runs; none given: no comparison)")
+    ap.add_argument("--index-datasets", default="large",
+                    help="comma-separated data sets the index comparison runs on (default large)")
+    ap.add_argument("--nprobe", type=int, help="IVF lists probed (default: the stage's)")
+    ap.add_argument("--ef-search", type=int, help="HNSW efSearch (default: the stage's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     keys = [k.strip() for k in args.datasets.split(",") if k.strip()]
@@ -385,6 +414,19 @@ def main() -> None:
     if unknown or not keys:
         ap.error(f"--datasets: unknown {', '.join(unknown) or '(none given)'}; "
                  f"known: {', '.join(DATASETS)}")
+    args.index_datasets = [k.strip() for k in args.index_datasets.split(",") if k.strip()]
+    if unknown := [k for k in args.index_datasets if k not in DATASETS]:
+        ap.error(f"--index-datasets: unknown {', '.join(unknown)}; known: {', '.join(DATASETS)}")
+    for name in ("nprobe", "ef_search"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    from cascade.stages.retrieval import RetrievalConfig, validate_index_spec
+
+    for spec in args.indexes:  # before any training; the stage's dim is the default (brief())
+        try:
+            validate_index_spec(spec, RetrievalConfig().dim)
+        except ValueError as e:
+            ap.error(f"--indexes: {e}")
 
     import faiss
 

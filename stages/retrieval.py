@@ -339,8 +339,7 @@ class TwoTowerRetriever(LearnedStage):
         u = model.user(batch)
 
         def search(user_vecs: Tensor, m: int) -> tuple[Tensor, Tensor]:
-            q = np.ascontiguousarray(user_vecs.float().cpu().numpy())
-            scores, ids = self.index_.search(q, m)
+            scores, ids = index_search(self.index_, user_vecs, m, self.config.ef_search)
             return (
                 torch.from_numpy(ids).to(self.device_),
                 torch.from_numpy(scores).to(self.device_),
@@ -372,6 +371,20 @@ def recall(
         hits += float((ids == batch.targets[:, :1]).any(1).sum())
         count += len(batch)
     return hits / max(count, 1)
+
+
+def index_search(index, user_vecs: Tensor, m: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` of m per row: (scores, ids). An HNSW index searches with efSearch at least
+    m: below m it returns fewer than m ids (FAISS's HNSW stops at efSearch candidates), which
+    loses recall and sends the rows to the exact fallback."""
+    import faiss
+
+    q = np.ascontiguousarray(user_vecs.float().cpu().numpy())
+    if ef_search < m and isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = m
+        return index.search(q, m, params=params)
+    return index.search(q, m)
 
 
 def build_index(item_vecs: Tensor, spec: str, cfg: RetrievalConfig):

@@ -38,7 +38,7 @@ from cascade.data.traffic import RequestBatch, Traffic
 from cascade.stages.base import Candidates, FitContext, StageError, register
 from cascade.stages.features import catalogue_valid_requests
 from cascade.stages.learned import LearnedStage
-from cascade.stages.retrieval import build_index, search_with_exclusion, validate_index_spec
+from cascade.stages.retrieval import build_index, index_search, search_with_exclusion, validate_index_spec
 from cascade.stages.training import TrainConfig, seed_everything
 from cascade.util.progress import Progress
 from cascade.util.ranking import ndcg, ranks_from_scores
@@ -387,7 +387,7 @@ class SASRec(LearnedStage):
         u = self.user_vectors(batch)
 
         def search(user_vecs: Tensor, m: int) -> tuple[Tensor, Tensor]:
-            scores, ids = self.index_.search(np.ascontiguousarray(user_vecs.float().cpu().numpy()), m)
+            scores, ids = index_search(self.index_, user_vecs, m, self.config.ef_search)
             return torch.from_numpy(ids).to(self.device_), torch.from_numpy(scores).to(self.device_)
 
         return search_with_exclusion(search, u, self.item_vecs_, batch, k, self.exclude_seen_)

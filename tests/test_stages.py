@@ -23,7 +23,7 @@ from cascade.stages.features import (
 )
 from cascade.stages.lsr import LateStageRanker, LSRConfig, rerank_ndcg
 from cascade.stages.popular import PopularRanker, PopularRetriever
-from cascade.stages.retrieval import RetrievalConfig, TwoTowerRetriever
+from cascade.stages.retrieval import RetrievalConfig, TwoTowerRetriever, build_index, index_search
 from cascade.stages.training import TrainConfig, sampled_mrr
 from cascade.stages.twotower import TwoTowerConfig, TwoTowerESR
 from cascade.util.tables import ConfigError
@@ -156,6 +156,25 @@ def test_other_index_specs_reuse_the_trained_towers(retriever, ctx, batch, spec)
         [len(set(a) & set(b)) / 10 for a, b in zip(got.ids.tolist(), exact.ids.tolist())]
     )
     assert overlap > 0.5
+
+
+def test_hnsw_searches_at_least_as_wide_as_it_fetches():
+    # FAISS's HNSW with efSearch below k returns fewer than k ids and loses recall (faiss#1244);
+    # index_search widens efSearch to the fetch size. A sparse graph (HNSW4) with efSearch 8 on
+    # random vectors: plain search misses most of the exact top 300
+    gen = torch.Generator().manual_seed(0)
+    items = torch.randn(3000, 16, generator=gen)
+    queries = torch.randn(20, 16, generator=gen)
+    index = build_index(items, "HNSW4", RetrievalConfig(dim=16, n_heads=1, ef_search=8))
+    exact = (queries @ items.T).topk(300, dim=1).indices.numpy()
+
+    def recall(ids: np.ndarray) -> float:
+        return float(np.mean([len(set(a) & set(b)) / 300 for a, b in zip(ids, exact)]))
+
+    _, plain = index.search(queries.numpy(), 300)
+    _, wide = index_search(index, queries, 300, ef_search=8)
+    assert (wide >= 0).all()
+    assert recall(wide) > 0.6 and recall(wide) > recall(plain) + 0.3
 
 
 def test_ivf_with_one_probe_still_returns_k(retriever, ctx, batch):

@@ -315,6 +315,14 @@ def sequence_windows(traffic: Traffic, width: int) -> Traffic:
     return _rows(traffic, np.sort(keep))
 
 
+def mean_batch_events(windows: Traffic, width: int, batch_size: int) -> float:
+    """The mean number of history events in a uniformly drawn batch of `batch_size` windows, each
+    cut to its newest `width` events. A loss that averages over events, trained in batches of
+    similar length (`Traffic.length_batches`), is scaled by a batch's events over this, so every
+    event weighs what it weighs in uniform batches."""
+    return float(np.minimum(windows.history_lengths(), width).mean()) * batch_size
+
+
 def _rows(traffic: Traffic, idx: np.ndarray) -> Traffic:
     import polars as pl
 

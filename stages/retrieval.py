@@ -18,7 +18,10 @@ user encoder (Kang & McAuley, ICDM 2018):
 - training examples: SASRec-style, every prefix of every training window is one example (the
   causal encoder gives all prefixes of a window in one pass; `sequence_windows` picks windows so
   each training event is a target exactly once): ~width times less encoder work than encoding
-  one request per event.
+  one request per event. Batches hold windows of similar history length, trimmed to their
+  longest (`TrainConfig.length_batches`), each batch's loss scaled by its event count over the
+  mean (`features.mean_batch_events`): a log of mostly short histories pays little for padding,
+  and every event weighs what it weighs in uniformly drawn batches.
 - loss: sampled softmax against shared negatives: `in_batch_negatives` drawn from the batch's
   positives (in-batch negatives) plus `n_uniform_negatives` uniform items. Every logit is
   corrected by log Q(j), Q(j) = S*f_j + M/n_items the expected number of times item j is drawn
@@ -29,7 +32,8 @@ user encoder (Kang & McAuley, ICDM 2018):
   needs it, e.g. IVF), `index` being the run's (`FitContext.index`) or else the config's.
   `retrieve` searches all requests of a batch in one call, over-fetching by the history width so
   that, when the run excludes seen items (`FitContext.exclude_seen`), dropping history items
-  still leaves k. Rows the index cannot fill (an IVF probing too few lists) are answered by an exact
+  still leaves k. An HNSW index searches with efSearch at least the number fetched
+  (`index_search`). Rows the index cannot fill (an IVF probing too few lists) are answered by an exact
   search over the cached item vectors, so `retrieve` returns exactly k ids per request; only when
   fewer than k unseen items exist at all are the last columns -1 (score -inf).
 - early stopping: full-catalogue recall@`valid_k` on validation requests (exact matmul top-k,
@@ -55,6 +59,7 @@ from cascade.stages.features import (
     ItemFeatureEmbedder,
     UserFeatureEmbedder,
     exclude_history_,
+    mean_batch_events,
     recent_history,
     sequence_windows,
     shared_negative_softmax,
@@ -102,7 +107,11 @@ class RetrievalConfig:
     valid_requests: int = 2000  # at most this many validation requests per check
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=9, batch_size=128, lr=3e-3, patience=2, max_steps_per_epoch=100
+            epochs=9, batch_size=128, lr=3e-3, patience=2, max_steps_per_epoch=100,
+            # windows of similar length, each batch's loss weighted by its event count. Amazon
+            # Toys (median history 3 of a width of 50), one thread: fit 205 s -> 55 s, test
+            # HR@10 / NDCG@10 / recall@1000 0.0755 / 0.0442 / 0.497 -> 0.0760 / 0.0439 / 0.506
+            length_batches=True,
         )
     )
 
@@ -283,6 +292,7 @@ class TwoTowerRetriever(LearnedStage):
         freq = torch.as_tensor(freq / max(freq.sum(), 1.0), dtype=torch.float32, device=ctx.device)
         valid = subsample(ctx.valid, catalogue_valid_requests(cfg.valid_requests, n_items))
         windows = sequence_windows(ctx.train, model.width)
+        events_per_batch = mean_batch_events(windows, model.width, cfg.train.batch_size)
 
         def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
             # every prefix of every window is one example (see `sequence_windows`)
@@ -292,7 +302,8 @@ class TwoTowerRetriever(LearnedStage):
             last = (batch.hist_len - 1).clamp_min(0)
             tgt = tgt.scatter(1, last[:, None], batch.targets[:, :1])  # the window's own target
             valid = batch.hist_mask  # (B, N)
-            return shared_negative_softmax(
+            scale = valid.sum() / events_per_batch if cfg.train.length_batches else 1.0
+            return scale * shared_negative_softmax(
                 u[valid],
                 tgt[valid],
                 model.item,

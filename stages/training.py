@@ -57,6 +57,11 @@ class TrainConfig:
     # every row dominates a step; off below, where it would change the numbers for little
     # (SparseAdam leaves rows without a gradient alone, where Adam's momentum keeps moving them).
     sparse_embeddings: bool | None = None
+    # batches of requests of similar history length, each trimmed to its longest
+    # (`Traffic.length_batches`), in place of uniformly shuffled ones: a log of mostly short
+    # histories pays little for padding. A loss averaged over events should scale a batch by its
+    # event count (`features.mean_batch_events`); a per-request loss needs nothing
+    length_batches: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -246,13 +251,11 @@ def fit_model(
     *,
     desc: str,
     train: Traffic | None = None,
-    by_length: bool = False,
     validate_first: bool = False,
 ) -> dict:
     """Train `model` in place with AdamW (with `cfg.sparse_embeddings`: SparseAdam for the id
     tables) and early stopping; restore the best epoch's weights. Returns a report: epochs run,
-    best epoch, best validation metric, seconds, final loss. `by_length`: batches of similar
-    history length, trimmed (`Traffic.length_batches`), in place of uniformly shuffled ones.
+    best epoch, best validation metric, seconds, final loss. Batches: `cfg.length_batches`.
     `validate_first`: the weights it starts from are validated first and kept (best epoch -1)
     unless an epoch beats them (a second phase that must not undo the first)."""
     traffic = ctx.train if train is None else train
@@ -287,7 +290,7 @@ def fit_model(
             model.train()
             total, n = 0.0, 0
             seed = ctx.seed * 1000 + epoch
-            batches = (traffic.length_batches(cfg.batch_size, seed=seed) if by_length
+            batches = (traffic.length_batches(cfg.batch_size, seed=seed) if cfg.length_batches
                        else traffic.batches(cfg.batch_size, shuffle=True, seed=seed))
             for step, batch in enumerate(batches):
                 if step >= steps:

@@ -12,7 +12,8 @@ dot product, so the item side is computed once and cached.
   once over the catalogue into an (n_items, D + 1) tensor on the device, so `score` is one gather
   and a batched dot product.
 - training: pointwise log loss (BCE) on the logged positive against `n_negatives` sampled items
-  per request (uniform plus a share drawn by popularity); early stopping on `sampled_mrr`.
+  per request (uniform plus a share drawn by popularity), in batches of requests of similar
+  history length (`TrainConfig.length_batches`); early stopping on `sampled_mrr`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ class TwoTowerConfig:
     valid_requests: int = 2000
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=8, batch_size=512, lr=3e-3, patience=1, max_steps_per_epoch=50
+            epochs=8, batch_size=512, lr=3e-3, patience=1, max_steps_per_epoch=50,
+            # requests of similar history length per batch: Amazon Toys validation sampled MRR
+            # 0.2995 -> 0.3051 (test ESR alone HR@10 0.038 -> 0.042, 2,000 requests)
+            length_batches=True,
         )
     )
 

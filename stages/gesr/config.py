@@ -114,13 +114,17 @@ class MoAConfig:
 
 def _default_train() -> TrainConfig:
     # phase 2 (all modules): sized with phase 1 for ml-100k in about a minute on 2 cores
-    return TrainConfig(epochs=2, batch_size=256, lr=2e-3, patience=1, max_steps_per_epoch=120)
+    return TrainConfig(epochs=2, batch_size=256, lr=2e-3, patience=1, max_steps_per_epoch=120,
+                       length_batches=True)
 
 
 def _default_pretrain() -> TrainConfig:
     # phase 1 (the towers alone): cheap steps, so more of them than phase 2; patience 1 because
     # the tower metric peaks early (epoch 3 of 6 on synthetic-small)
-    return TrainConfig(epochs=6, batch_size=512, lr=2e-3, patience=1, max_steps_per_epoch=120)
+    # requests of similar history length per batch (both phases): Amazon Toys fit 144 s -> 117 s
+    # on one thread, validation sampled MRR 0.3127 -> 0.3167
+    return TrainConfig(epochs=6, batch_size=512, lr=2e-3, patience=1, max_steps_per_epoch=120,
+                       length_batches=True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,8 @@ split, seed).
 [ours] Two phases: first the two towers alone (`pretrain`, l0's loss only: a two-tower step
 costs a fraction of a GESR step, so the towers see as many examples as the two-tower ESR's
 do), then every module jointly (`train`); the MLPG logit layers start at zero, so phase 2 starts
-from exactly the pretrained two-tower ranker and the MoA learns what it misses.
+from exactly the pretrained two-tower ranker and the MoA learns what it misses. Both phases
+draw batches of requests of similar history length (`TrainConfig.length_batches`).
 The training report adds the validation NE (normalised entropy: the log loss divided by the
 entropy of the positive rate, the paper's offline metric) of l and of l0 on fixed sampled
 candidate sets, and the validation sampled MRR of l and of l0.

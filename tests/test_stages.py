@@ -4,6 +4,7 @@ and the shared feature helpers. Trained once per session on a tiny log with a kn
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -257,6 +258,26 @@ def test_lsr_score_all_matches_score(lsr, batch):
     assert every.shape == (len(batch), 120) and every.dtype == torch.float32
     cand = torch.randint(0, 120, (len(batch), 10), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(every.gather(1, cand), lsr.score(batch, cand), rtol=1e-5, atol=1e-5)
+
+
+def test_lsr_skips_the_crossing_only_when_it_adds_exactly_zero(lsr, batch):
+    # the joint phase may keep its zero-initialised crossing head: serving then computes the
+    # generative score alone, equal bit for bit to the full computation
+    model = copy.deepcopy(lsr.fitted_model())
+    cand = torch.randint(0, 120, (len(batch), 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        enc = model.encode(batch)
+        model.head.weight.zero_(), model.head.bias.zero_(), model.dot_weight.zero_()
+        assert model.crossing_is_zero()
+        assert torch.equal(model.score_with(enc, cand), model.score_with(enc, cand, full=True))
+        generative_only = model.score_with(enc, cand)
+        model.head.bias.fill_(0.5)  # a non-zero head: every part is computed
+        assert not model.crossing_is_zero()
+        torch.testing.assert_close(model.score_with(enc, cand), generative_only + 0.5)
+        model.head.bias.zero_()
+        model.head.weight.normal_(generator=torch.Generator().manual_seed(6))
+        assert not torch.allclose(model.score_with(enc, cand), generative_only)
+        torch.testing.assert_close(model.score_with(enc, cand), model.score_with(enc, cand, full=True))
 
 
 def test_lsr_outranks_twotower(lsr, twotower, test_traffic, ctx):

@@ -20,9 +20,10 @@ Per index:
 - x Flat bound: retrieve ms over the retrieval stage's lower bound (bench_roofline's, which
   assumes the Flat scan), the issue's "within 3x of its bound" for `Flat`.
 Recall depends on the item vectors: bench_roofline trains a few steps (`--steps`), so these are
-the vectors of a barely trained model. An HNSW whose efSearch is below the number fetched may
-return fewer ids than asked (-1) and lose recall (faiss issue 1244): the short rows show it, and
-bench_roofline's `--ef-search` (like `--nprobe`) replaces the stage's value.
+the vectors of a barely trained model. An HNSW searches with efSearch at least the number
+fetched (the stage's `index_search`: below it FAISS returns fewer ids than asked and loses
+recall, faiss issue 1244); bench_roofline's `--ef-search` (like `--nprobe`) replaces the
+stage's value.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from rich.text import Text
 from torch import Tensor
 
 from cascade.stages.base import StageError
-from cascade.stages.retrieval import build_index
+from cascade.stages.retrieval import build_index, index_search
 
 REFERENCE = "Flat"
 DEFAULT_INDEXES = ("Flat", "HNSW32", "IVF4096,Flat")  # 4096 lists: ~4 sqrt(n) for 1M items
@@ -98,6 +99,7 @@ def compare_indexes(ret, batches: list, k: int, specs: list[str], clock, log,
         build_s = time.perf_counter() - t0
         stage = copy.copy(ret)  # shares the model and item vectors; only index_ differs
         stage.index_ = index
+        stage.config = cfg  # the search parameters the index was built with
         stage.retrieve(batches[0], k)  # untimed warm-up
         ret_ms, search_ms, recalls, short = [], [], [], 0
         for i, (b, q) in enumerate(zip(batches, queries)):
@@ -107,7 +109,7 @@ def compare_indexes(ret, batches: list, k: int, specs: list[str], clock, log,
             if spec == REFERENCE:
                 ref_ids.append(ids)
             recalls.append(overlap(ids, ref_ids[i]))
-            ms, (_, found) = clock(lambda: index.search(q, m))
+            ms, (_, found) = clock(lambda: index_search(index, torch.from_numpy(q), m, cfg.ef_search))
             search_ms.append(ms)
             short += int((found < 0).any(1).sum())
         rows.append({

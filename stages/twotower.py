@@ -11,9 +11,11 @@ dot product, so the item side is computed once and cached.
 - score: <user, item> + bias. After `fit` (or loading the cached checkpoint) the item tower runs
   once over the catalogue into an (n_items, D + 1) tensor on the device, so `score` is one gather
   and a batched dot product.
-- training: pointwise log loss (BCE) on the logged positive against `n_negatives` sampled items
-  per request (uniform plus a share drawn by popularity), in batches of requests of similar
-  history length (`TrainConfig.length_batches`); early stopping on `sampled_mrr`.
+- training: a sampled softmax of the logged positive against negatives shared by the batch
+  (in-batch and uniform, logQ-corrected: `features.shared_negative_softmax`), or (`loss="bce"`)
+  pointwise log loss against `n_negatives` sampled items per request (uniform plus a share drawn
+  by popularity); in batches of requests of similar history length
+  (`TrainConfig.length_batches`); early stopping on `sampled_mrr`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from cascade.stages.features import (
     UserFeatureEmbedder,
     masked_mean,
     recent_history,
+    shared_negative_softmax,
     subsample,
 )
 from cascade.stages.learned import LearnedStage
@@ -46,10 +49,19 @@ class TwoTowerConfig:
     hidden: int = 128
     recent: int = 5  # the user tower also pools this many newest history events
     max_len: int | None = None  # use at most this many recent history events (None: all given)
-    n_negatives: int = 16
-    pop_negatives: float = 0.25  # share of negatives drawn by popularity ** 0.75
+    n_negatives: int = 16  # loss="bce": sampled negatives per request
+    pop_negatives: float = 0.25  # loss="bce": share of negatives drawn by popularity ** 0.75
     dropout: float = 0.1
     valid_requests: int = 2000
+    # "softmax": sampled softmax of the positive against negatives shared by the batch
+    # (`in_batch_negatives` of the batch's positives, at most one per request, plus
+    # `n_uniform_negatives` uniform ones, logQ-corrected); "bce": pointwise log loss against
+    # `n_negatives` per request, `pop_negatives` of them by popularity. Amazon Toys, one thread,
+    # validation sampled MRR: bce 0.3051, softmax 512 + 512 0.3126, 2048 + 2048 0.3226 (test ESR
+    # alone HR@10 0.042 -> 0.053, fit 54 s -> 41 s), 2048 + 8192 0.3200
+    loss: str = "softmax"
+    in_batch_negatives: int = 2048
+    n_uniform_negatives: int = 2048
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             epochs=8, batch_size=512, lr=3e-3, patience=1, max_steps_per_epoch=50,
@@ -69,6 +81,10 @@ class TwoTowerConfig:
             raise ValueError(f"TwoTowerConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TwoTowerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.loss not in ("softmax", "bce"):
+            raise ValueError(f"TwoTowerConfig.loss must be 'softmax' or 'bce', got {self.loss!r}")
+        if self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
+            raise ValueError("TwoTowerConfig.in_batch_negatives and n_uniform_negatives must be >= 0")
         if not isinstance(self.train, TrainConfig):
             raise ValueError("TwoTowerConfig.train must be a TrainConfig")
 
@@ -148,7 +164,17 @@ class TwoTowerESR(LearnedStage):
         sampler = NegativeSampler(counts, pop_frac=cfg.pop_negatives, device=ctx.device)
         valid = subsample(ctx.valid, cfg.valid_requests)
 
+        freq = torch.as_tensor(counts / max(counts.sum(), 1), dtype=torch.float32, device=ctx.device)
+
         def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
+            if cfg.loss == "softmax":  # <[u; 1], [v; bias]> = the served score
+                u = model.user(batch)
+                q = torch.cat([u, torch.ones_like(u[:, :1])], 1)
+                return shared_negative_softmax(
+                    q, batch.targets[:, 0], model.item, freq, gen,
+                    n_in_batch=cfg.in_batch_negatives, n_uniform=cfg.n_uniform_negatives,
+                    inv_temp=1.0,
+                )
             pos = batch.targets[:, :1]  # (B, 1)
             neg = sampler.sample(len(batch), cfg.n_negatives, gen)  # (B, n)
             logits = model(batch, torch.cat([pos, neg], 1))  # (B, 1 + n)

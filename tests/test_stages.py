@@ -283,8 +283,8 @@ def test_lsr_skips_the_crossing_only_when_it_adds_exactly_zero(lsr, batch):
 def test_lsr_outranks_a_pointwise_twotower(lsr, test_traffic, ctx):
     # the sequence signal of this data (the successor of the last favourite-category item) is
     # only partly visible to the two-tower's pooled history: trained pointwise, as GESR's ESR, it
-    # stays below the LSR. (The default two-tower, a sampled softmax over ~2,500 shared
-    # negatives, reaches the briefly trained LSR of these tests on this tiny log.)
+    # stays below the LSR. (The default two-tower, a sampled softmax over shared negatives,
+    # passes the briefly trained LSR of these tests on this tiny log: sampled MRR 0.70 vs 0.67.)
     twotower = TwoTowerESR(replace(TWOTOWER, loss="bce")).fit(ctx)
 
     def mrr(stage):

@@ -98,7 +98,7 @@ import torch.nn.functional as F  # noqa: E402
 from cascade.data.splits import make_split, training_requests  # noqa: E402
 from cascade.data.traffic import Traffic  # noqa: E402
 from cascade.stages.gesr import GESRConfig, GESRStage, MoAConfig  # noqa: E402
-from cascade.stages.gesr.cross import NROCrossAttention, ROCrossAttention  # noqa: E402
+from cascade.stages.gesr.cross import NROCrossAttention, ROCrossAttention, softmax_last  # noqa: E402
 from test_gesr import multi_dataset, perturbed  # noqa: E402
 
 SERVING = {  # (MoA config, GESR config overrides)
@@ -183,6 +183,26 @@ def test_nro_block_diagonal_attention_equals_sdpa():
         att = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None, None])
         want = nro.norm(nro.out(att.transpose(1, 2).reshape(b, n, f, 8).mean(2)))
     torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("width", [1, 2, 13, 15, 16, 40])
+def test_softmax_last_equals_torch_softmax(width):
+    """The short-row softmax (max, exp, sum, divide) vs `torch.softmax`, with masked (-inf)
+    entries, values and gradients, in place (no grad) and not."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(7, 3, width, generator=g) * 4
+    x[:, :, 1:][torch.rand(7, 3, width - 1, generator=g) < 0.3] = float("-inf")  # entry 0 stays finite
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = softmax_last(a), torch.softmax(b, dim=-1)
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+    w = torch.randn(7, 3, width, generator=g)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, **tol(torch.float32, grad=True))
+    with torch.no_grad():
+        kept = x.clone()
+        torch.testing.assert_close(softmax_last(x), want.detach(), **tol(torch.float32))
+    assert torch.equal(x, kept)  # the input is never overwritten
 
 
 @pytest.mark.parametrize("f", [1, 2, 3])

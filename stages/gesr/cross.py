@@ -44,6 +44,25 @@ def _heads(x: Tensor, h: int) -> Tensor:
     return x.unflatten(-1, (h, x.shape[-1] // h))
 
 
+# below this many entries per row, `torch.softmax` over the last dim takes a scalar path on CPU
+# (AVX-512: 16 floats a vector): 5.1 ms for 16k x 2 rows of 13, against 0.9 ms for rows of 30 and
+# 0.9 ms for max/exp/sum/divide as four vectorised passes (one thread, torch 2.13)
+SHORT_ROW = 16
+
+
+def softmax_last(x: Tensor) -> Tensor:
+    """softmax over the last dim, with short rows (< `SHORT_ROW`) as max, exp, sum and divide
+    (in place without autograd); every row needs one finite entry."""
+    if x.shape[-1] >= SHORT_ROW or x.device.type != "cpu":
+        return torch.softmax(x, dim=-1)
+    y = x - x.amax(-1, keepdim=True)
+    if torch.is_grad_enabled():
+        y = y.exp()
+        return y / y.sum(-1, keepdim=True)
+    y = y.exp_()
+    return y.div_(y.sum(-1, keepdim=True))
+
+
 def block_keys(k: Tensor) -> Tensor:
     """(B, H, L, e) per-head keys -> (B, H e, H L) block diagonal: queries (B, n, H e) times it
     are every head's logits side by side, (B, n, H L), without splitting the queries by head."""
@@ -112,7 +131,7 @@ class NROCrossAttention(nn.Module):
         pooled first."""
         b, n, f, d = cand_q.shape
         logits = torch.baddbmm(ctx.bias, cand_q.reshape(b, n * f, d), ctx.k)  # (B, nF, H S)
-        w = torch.softmax(logits.view(b, n * f, self.heads, -1), dim=-1).view(b, n, f, -1)
+        w = softmax_last(logits.view(b, n * f, self.heads, -1)).view(b, n, f, -1)
         w = w[:, :, 0] if f == 1 else w.mean(dim=2)  # (B, n, H S)
         return self.norm(torch.bmm(w, ctx.v))
 

@@ -121,6 +121,12 @@ class ItemFeatureEmbedder(nn.Module):
         return torch.stack(parts, dim=-2)
 
     def forward(self, ids: Tensor) -> Tensor:
+        if ids.numel() > DEDUP_MIN and 4 * self.n_items <= ids.numel() and not torch.is_grad_enabled():
+            # serving, a call with 4x more ids than items: every item once, then one row gather,
+            # no sort of the ids (256 x 50 history ids of ml-100k's 1,682 items: 0.81 -> 0.22 ms;
+            # of Toys' 11,924: 0.76 -> 1.06 ms, so the sort stays there)
+            table = self._embed(torch.arange(self.n_items, device=ids.device))
+            return F.embedding(ids, table)
         if ids.numel() > DEDUP_MIN:
             # a batch of histories repeats items many times: embed each distinct item once and
             # gather (same values; the backward touches n_unique rows instead of every id)

@@ -491,6 +491,9 @@ def test_item_embedder_pools_multi_valued_features_and_dedups(ctx):
     ids = torch.randint(0, ds.n_items, (50, 60), generator=torch.Generator().manual_seed(0))
     assert ids.numel() > 2048  # the distinct-ids path
     torch.testing.assert_close(emb(ids), emb._embed(ids))
+    assert ids.numel() >= 4 * ds.n_items
+    with torch.no_grad():  # the whole-catalogue path (serving, at least as many ids as items)
+        torch.testing.assert_close(emb(ids), emb._embed(ids))
     # the genres part is the mean over non-zero codes
     item = int(np.flatnonzero(ds.items.multi["genres"][:, 1] > 0)[0])
     codes = ds.items.multi["genres"][item]

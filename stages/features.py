@@ -40,6 +40,12 @@ Combine = Literal["sum", "concat"]
 DEDUP_MIN = 2048  # ItemFeatureEmbedder embeds distinct ids once when a call has more ids
 
 
+def take_rows(table: Tensor, idx: Tensor) -> Tensor:
+    """table[idx] for a table of any dtype and int64 ids of any shape, as one `index_select`:
+    advanced indexing costs ~3x (ml-100k code tables, 256 x 50 ids: 0.098 vs 0.027 ms)."""
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
+
+
 def _check_combine(combine: str) -> None:
     if combine not in ("sum", "concat"):
         raise ValueError(f"combine must be 'sum' or 'concat', got {combine!r}")
@@ -112,10 +118,10 @@ class ItemFeatureEmbedder(nn.Module):
         if self.id_emb is not None:
             parts.append(self.id_emb(ids))
         if self.cat_embs:
-            codes = self.cat_codes[ids]  # (*shape, F_c)
+            codes = take_rows(self.cat_codes, ids)  # (*shape, F_c)
             parts.extend(emb(codes[..., j]) for j, emb in enumerate(self.cat_embs))
         for name, emb in zip(self.multi_names, self.multi_embs):
-            codes = self.multi_codes(name)[ids]  # (*shape, L)
+            codes = take_rows(self.multi_codes(name), ids)  # (*shape, L)
             count = (codes > 0).sum(-1, keepdim=True).clamp_min(1).to(emb.weight.dtype)
             parts.append(emb(codes).sum(-2) / count)  # mean over non-zero codes
         return torch.stack(parts, dim=-2)
@@ -214,9 +220,10 @@ class HistoryTokenEmbedder(nn.Module):
         n = items.shape[1]
         ar = torch.arange(n, device=items.device)[None, :]
         mask = ar < hist_len[:, None]  # (B, N)
-        # action and gap embeddings summed through one (4 * 32, dim) table: one gather
+        # action and gap embeddings summed through one (4 * 32, dim) table: one row gather
+        # (F.embedding: 0.05 ms for 256 x 50 ids where table[ids] takes 0.33)
         table = (self.action_emb.weight[:, None] + self.gap_emb.weight[None, :]).flatten(0, 1)
-        x = self.items(items) + table[actions * N_GAP_BUCKETS + gaps]
+        x = self.items(items) + F.embedding(actions * N_GAP_BUCKETS + gaps, table)
         if self.pos_emb is not None:
             recency = (hist_len[:, None] - 1 - ar).clamp(0, self.pos_emb.num_embeddings - 1)
             x = x + self.pos_emb(recency)
@@ -451,8 +458,8 @@ class MatchCounter(nn.Module):
         ar = torch.arange(n_hist, device=hist_items.device)[None, :]
         liked = (ar < hist_len[:, None]) & (hist_actions != 1)  # action code 1 = negative
         recent = liked & (ar >= hist_len[:, None] - self.recent)
-        hc = self.categories[hist_items]  # (B, N, L)
-        cc = self.categories[cand]  # (B, n, L)
+        hc = take_rows(self.categories, hist_items)  # (B, N, L)
+        cc = take_rows(self.categories, cand)  # (B, n, L)
         out = []
         for mask in (liked, recent):
             counts = torch.zeros((b, self.n_categories), device=hc.device)

@@ -5,6 +5,7 @@
   `mlpg.py`: Multi-Logit Parameterized Gating; target-aware self attention is the shared
   `cascade.stages.hstu.TargetAwareEncoder`;
 - `model.py`: `GESRModel` (towers + MoA + MLPG, serving path and the per-candidate reference);
+  `state.py`: its serving state (per-request `RequestState`, the per-item `ItemCache`);
 - `stage.py`: `GESRStage`, the registered ranker (training, caching, scoring).
 
 Importing this package registers the stage (`@register("esr", "gesr")`).

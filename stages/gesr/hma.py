@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cascade.stages.features import take_rows
+
 POSITIVE_CODE = 3  # RequestBatch.hist_actions: 0 pad, 1 negative, 2 neutral, 3 positive
 
 
@@ -182,7 +184,7 @@ class HardMatchingAttention(nn.Module):
             masks = torch.stack([keep[filters[j]] for j in self.cat_cols], -1).float()  # (B, N, P_c)
             items = torch.where(keep["all"], hist_items, torch.zeros_like(hist_items))
             if self.set_id is not None:
-                hist_sets = self.set_id[items]  # (B, N)
+                hist_sets = take_rows(self.set_id, items)  # (B, N)
                 h = masks.new_zeros(b, self.n_sets, masks.shape[-1])
                 h.scatter_add_(1, hist_sets[..., None].expand_as(masks), masks)  # (B, S, P_c)
                 if self.set_overlap is None:
@@ -193,7 +195,7 @@ class HardMatchingAttention(nn.Module):
                 set_counts = h.round().long()
             else:
                 incidence = masks.new_zeros(b, n, self.n_categories)
-                incidence.scatter_(2, self.item_cats[items], 1.0)  # (B, N, C); repeats set 1 once
+                incidence.scatter_(2, take_rows(self.item_cats, items), 1.0)  # (B, N, C); repeats set 1 once
                 incidence[..., 0] = 0.0
                 cat_masks = masks
         hidden_items = hidden_sets = None
@@ -222,7 +224,7 @@ class HardMatchingAttention(nn.Module):
     def _pair_category_counts(self, state: HMAHistory, cand: Tensor) -> Tensor:
         """(B, n, P_cat) by the per-candidate incidence product (many multi-valued sets)."""
         mask = torch.zeros(*cand.shape, self.n_categories, device=cand.device)
-        mask.scatter_(2, self.item_cats[cand], 1.0)
+        mask.scatter_(2, take_rows(self.item_cats, cand), 1.0)
         mask[..., 0] = 0.0  # (B, n, C)
         shared = (torch.bmm(mask, state.incidence.transpose(1, 2)) > 0.5).float()  # (B, n, N)
         return torch.bmm(shared, state.cat_masks).round().long()
@@ -236,7 +238,7 @@ class HardMatchingAttention(nn.Module):
             out[..., self.item_cols] = got * hit[..., None]
         if self.cat_cols:
             if state.set_counts is not None:
-                sets = self.set_id[cand][..., None].expand(-1, -1, len(self.cat_cols))
+                sets = take_rows(self.set_id, cand)[..., None].expand(-1, -1, len(self.cat_cols))
                 out[..., self.cat_cols] = state.set_counts.gather(1, sets)
             else:
                 out[..., self.cat_cols] = self._pair_category_counts(state, cand)
@@ -280,7 +282,7 @@ class HardMatchingAttention(nn.Module):
             row = torch.where(hit, run, rows - 1) + req * rows  # no match: the zero-count row
             h = F.embedding(row, state.hidden_items.flatten(0, 1))  # (B, n, hidden)
         if state.hidden_sets is not None:
-            row = self.set_id[cand] + req * state.hidden_sets.shape[1]
+            row = take_rows(self.set_id, cand) + req * state.hidden_sets.shape[1]
             got = F.embedding(row, state.hidden_sets.flatten(0, 1))
             h = got if h is None else h + got
         elif self.cat_cols:  # many multi-valued sets: per-candidate counts, folded rows

@@ -21,7 +21,9 @@ p50 / p99 per batch, funnel throughput. Written as `ablation.md` and `ablation.j
 into the run folder, beside the run's own records. Unless an ESR budget is given (`[budgets]`
 esr or esr_share, `--esr-k`), the ESR keeps a tenth of the retrieved candidates (`ESR_SHARE`),
 so that its cut binds; the table's header gives the LSR over every retrieved candidate (no ESR
-cut) for comparison.
+cut) for comparison. A run on the CPU adds "full GESR, int8": the full GESR's checkpoint served
+with dynamic int8 linear layers (`quantize = "int8"`, no retraining), its quality and latency
+beside the float model's.
 
 The rows themselves are data beside GESR (`cascade.stages.gesr.ablation`). The TOML is a
 RunConfig (see `cascade.config`) plus three ablation keys: `gesr` (a table of
@@ -35,6 +37,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from rich.table import Table
 
 from cascade.config import RunConfig, read_toml
@@ -115,7 +118,11 @@ def build_ablation_config(config: Path | None, overrides: Mapping[str, Any]):
         raise ValueError(f"{where}: oracles must be true, false or \"auto\", got {want!r}")
     synthetic = str(raw["data"]).startswith("synthetic")
     oracles = bool(want) if want != "auto" else (synthetic and _has_oracles())
-    raw["esr_variants"] = ablation_variants(abl.get("gesr"), abl.get("twotower"), oracles=oracles)
+    # the int8 row serves on the CPU only (`cascade.stages.quantize`)
+    device = str(raw.get("device", "auto"))
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    raw["esr_variants"] = ablation_variants(abl.get("gesr"), abl.get("twotower"), oracles=oracles,
+                                            serving_rows=cpu)
     return RunConfig.from_dict(raw, where=where)
 
 
@@ -217,7 +224,10 @@ def ablation_markdown(metrics: Mapping[str, Any], rows: list[dict]) -> str:
         f"{metrics.get('device', '?')}. Rows are cumulative; deltas are paired against the "
         "two-tower ESR with bootstrap 95% intervals; \"oracle gain recovered\" is (row - "
         "oracle-dot) / (oracle - oracle-dot) in ESR recall: the share of what the truth's cross "
-        "part adds over the best decoupled (two-tower-expressible) ranker.",
+        "part adds over the best decoupled (two-tower-expressible) ranker."
+        + (" \"full GESR, int8\" serves the full GESR's checkpoint with its linear layers "
+           "quantized to dynamic int8 (quantize = \"int8\", no retraining)."
+           if any(r["variant"] == "full GESR, int8" for r in rows) else ""),
         "",
         *([f"The LSR over every retrieved candidate (no ESR cut) gets HR@10 {_num(no_cut.get('hr@10'))}, "
            f"NDCG@10 {_num(no_cut.get('ndcg@10'))}: an ESR changes the final list only through what "

@@ -7,6 +7,8 @@ A learned stage declares
 - `serving_fields`: config fields that change only how the trained model is served (an index,
   a chunk size); they stay out of the checkpoint's cache key, so changing them reuses it;
 - `cache_name` (optional): the checkpoint folder's prefix, `<kind>-<name>` by default;
+- `float_linears` (optional): layers (names or shell-style patterns) that stay float32 when the
+  config's `quantize` field, if it has one, is "int8" (see below);
 and implements
 - `build_model(ctx) -> nn.Module`: the untrained model (its initial weights are drawn right after
   `torch.manual_seed(ctx.seed)`, so they depend on the seed only, not on what ran before);
@@ -15,6 +17,11 @@ and implements
 - `prepare_serving(model, ctx)` (optional): what serving needs from the trained model (item
   vectors, an index), run after training or loading alike;
 - the serving methods (`score`, `retrieve`, ...), which start with `self.fitted_model()`.
+
+A config with a `quantize` field (a serving field: "none" or "int8") has the trained model's
+linear layers quantized to dynamic int8 after `prepare_serving` (`cascade.stages.quantize`: CPU
+only, refused on another device before training). So what `prepare_serving` caches comes from the
+float32 model, and the checkpoint `cached_fit` saved before is the float32 one.
 
 `fit(ctx)` sets the learned state, scikit-learn style: `model_` (eval mode, on `device_`),
 `fit_report_` (the training report with "cached", read by the engine) and `device_`.
@@ -29,6 +36,7 @@ import torch
 from torch import nn
 
 from cascade.stages.base import FitContext, check_fitted
+from cascade.stages.quantize import check_device, quantize_linears
 from cascade.stages.training import cached_fit
 from cascade.util.tables import ConfigError, from_table
 
@@ -41,6 +49,7 @@ class LearnedStage:
     config_class: ClassVar[type]
     serving_fields: ClassVar[tuple[str, ...]] = ()
     cache_name: ClassVar[str | None] = None
+    float_linears: ClassVar[tuple[str, ...]] = ()
     # a candidate's score never depends on the other candidates scored with it (checked by
     # `check_stage` when a stage claims it)
     candidate_independent: ClassVar[bool] = False
@@ -73,6 +82,9 @@ class LearnedStage:
 
     def fit(self, ctx: FitContext) -> "LearnedStage":
         self.model_ = None  # a fit that fails leaves the stage unfitted, not half refitted
+        quantize = getattr(self.config, "quantize", "none")
+        field = f"{type(self.config).__name__}.quantize"
+        check_device(quantize, ctx.device, field)  # before training, not after
         torch.manual_seed(ctx.seed)  # the initial weights depend on the seed only
         model = self.build_model(ctx).to(ctx.device)
         report = cached_fit(
@@ -86,6 +98,8 @@ class LearnedStage:
         model.eval()
         self.device_ = ctx.device
         self.prepare_serving(model, ctx)
+        if quantize == "int8":
+            quantize_linears(model, skip=self.float_linears, field=field)
         self.model_, self.fit_report_ = model, report
         return self
 

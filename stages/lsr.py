@@ -76,6 +76,7 @@ from cascade.stages.features import (
 )
 from cascade.stages.learned import LearnedStage
 from cascade.stages.lsr_validation import generative_ndcg, newest_output, rerank_ndcg
+from cascade.stages.quantize import check_mode
 from cascade.stages.training import TrainConfig, fit_model, sampled_mrr
 
 
@@ -120,6 +121,7 @@ class LSRConfig:
     valid_candidates: int = 100
     valid_requests: int = 2000
     score_chunk: int = 512  # candidates scored per request at a time in score / score_all
+    quantize: str = "none"  # serving: "int8" = dynamic int8 linear layers (stages/quantize.py)
     # validation NDCG is noisy on ml-100k-sized logs: patience 2 stopped some seeds at epoch 5
     # with NDCG@10 0.065, where 12 epochs reach 0.094 (experiments/bench_stages.py). After the
     # pretraining phase the joint phase needs its patience too: 8 epochs, patience 3 and 2
@@ -152,9 +154,8 @@ class LSRConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"LSRConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.validation not in ("rerank_ndcg", "sampled_mrr"):
-            raise ValueError(
-                f"LSRConfig.validation must be 'rerank_ndcg' or 'sampled_mrr', got {self.validation!r}"
-            )
+            raise ValueError("LSRConfig.validation must be 'rerank_ndcg' or 'sampled_mrr', "
+                             f"got {self.validation!r}")
         if self.attention not in ("silu", "softmax"):
             raise ValueError(f"LSRConfig.attention must be 'silu' or 'softmax', got {self.attention!r}")
         if self.impl not in ("auto", "torch", "triton", "ref"):
@@ -168,12 +169,11 @@ class LSRConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LSRConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.next_item_weight < 0 or self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
-            raise ValueError(
-                "LSRConfig.next_item_weight, in_batch_negatives and n_uniform_negatives must be "
-                ">= 0"
-            )
+            raise ValueError("LSRConfig.next_item_weight, in_batch_negatives and "
+                             "n_uniform_negatives must be >= 0")
         if not 0.0 <= self.rank_logq <= 1.0:
             raise ValueError(f"LSRConfig.rank_logq must be in [0, 1], got {self.rank_logq}")
+        check_mode(self.quantize, "LSRConfig.quantize")
         if not self.temperature > 0:
             raise ValueError(f"LSRConfig.temperature must be > 0, got {self.temperature}")
         if not isinstance(self.train, TrainConfig):
@@ -361,9 +361,10 @@ class LateStageRanker(LearnedStage):
     name = "lsr"
     kind = "lsr"
     config_class = LSRConfig
-    serving_fields = ("score_chunk",)
+    serving_fields = ("score_chunk", "quantize")
     cache_name = "lsr"
     candidate_independent = True  # the target mask: candidates never see each other
+    float_linears = ("head", "encoder.layers.*.proj")  # kept float32 by int8: stages/quantize.py
 
     def build_model(self, ctx: FitContext) -> LSRModel:
         return LSRModel(ctx, self.config)

@@ -345,8 +345,8 @@ config = {train = {epochs = 1, max_steps_per_epoch = 2}}
 [lsr]
 stage = "popular"
 [gesr]
-dim = 16
-hidden = 16
+dim = 32
+hidden = 32
 moa_dim = 8
 valid_requests = 40
 train = {epochs = 1, max_steps_per_epoch = 2, batch_size = 64}
@@ -371,8 +371,13 @@ def test_ablation_command_end_to_end(tmp_path: Path):
     record = json.loads((out / "ablation.json").read_text())
     labels = [r["variant"] for r in record["rows"]]
     assert labels == ["two-tower", "gesr towers", "+HMA", "+self-attn", "+cross-attn",
-                      "+MLPG (full GESR)", "oracle-dot", "oracle"]
+                      "+MLPG (full GESR)", "full GESR, int8", "oracle-dot", "oracle"]
     metrics = json.loads((out / "metrics.json").read_text())
+    # the int8 row serves the full GESR's checkpoint (a serving field): loaded, not trained
+    fits = metrics["training"]
+    assert fits["esr:full GESR, int8"]["cached"] and not fits["esr:+MLPG (full GESR)"]["cached"]
+    assert (fits["esr:full GESR, int8"]["report"]["checkpoint"]
+            == fits["esr:+MLPG (full GESR)"]["report"]["checkpoint"])
     for r in record["rows"]:
         esr = next(s for s in metrics["variants"][r["variant"]]["stages"] if s["name"] == "esr")
         assert r["esr_recall"] == esr["recall"] and r["esr_latency_ms"]["p50"] > 0
@@ -381,13 +386,14 @@ def test_ablation_command_end_to_end(tmp_path: Path):
             assert set(r["delta_vs_two_tower"]) == {"recall@esr", "hr@10", "ndcg@10"}
     rows = {r["variant"]: r for r in record["rows"]}
     assert rows["+MLPG (full GESR)"]["esr_config"]["moa"]["mlpg"] is True
+    assert rows["full GESR, int8"]["esr_config"]["quantize"] == "int8"
     share = {k: rows[k]["share_of_oracle_gain"]["recall@esr"] for k in ("oracle", "oracle-dot")}
     if rows["oracle"]["esr_recall"] > rows["oracle-dot"]["esr_recall"]:
         assert share["oracle-dot"] == 0.0 and share["oracle"] == pytest.approx(1.0)
     else:
         assert share == {"oracle": None, "oracle-dot": None}
     md = (out / "ablation.md").read_text()
-    assert md.count("\n| ") == 9 and "+MLPG (full GESR)" in md  # header + 8 rows
+    assert md.count("\n| ") == 10 and "| full GESR, int8 |" in md  # header + 9 rows
     # no ESR budget given: the ESR keeps a tenth of the 300 retrieved candidates (a cut that
     # binds), not the run's default quarter (75)
     assert record["budgets"] == {"retrieval": 300, "esr": 30, "final": 10}

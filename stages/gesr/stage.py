@@ -24,6 +24,12 @@ large replay batch is processed in groups of requests of about `score_chunk_pair
 candidate) pairs, so per-pair intermediates stay in cache. With `compile=True` that call goes
 through `torch.compile` (dynamic shapes, so the smaller last group does not recompile); if
 compilation fails (no C++ compiler, say) scoring says so once on stderr and stays eager.
+With `quantize="int8"` (CPU only) the linear layers at least 32 wide are quantized to dynamic
+int8 (`cascade.stages.quantize`, by `LearnedStage.fit`) after the catalogue cache is built: the
+cache comes from the float32 model, because it is computed once per catalogue, where int8 would
+save no serving time and only add error. So int8 reaches the per-request layers (user tower,
+MLPG user gates) and any item-side projection computed per batch (a catalogue too large for the
+cross-attention cache); the per-pair layers are 16 wide (`moa_dim`) and stay float32.
 
 Negatives (`sampling.py`): uniform, popularity-sampled and interest-matched (an item of the
 category of a random history event), with the exact log-Q correction of that mixture.
@@ -119,9 +125,13 @@ class GESRStage(LearnedStage):
     name = "gesr"
     kind = "esr"
     config_class = GESRConfig
-    serving_fields = ("compile", "score_chunk_pairs")
+    serving_fields = ("compile", "score_chunk_pairs", "quantize")
     cache_name = f"esr-gesr-{MODEL_VERSION}"
     candidate_independent = True  # the target mask: candidates never see each other
+    # linear layers whose weights the serving path reads as tensors (NRO folds `out` into its
+    # cached values, HMA folds `mlp.0` into its bucket table): a quantized layer has none, so
+    # they stay float32 under quantize="int8"
+    float_linears = ("nro.out", "hma.mlp.0")
 
     _compiled: Callable | None = None  # the compiled scorer (compile=True), built on first use
 
@@ -218,7 +228,7 @@ class GESRStage(LearnedStage):
         return report
 
     def prepare_serving(self, model: GESRModel, ctx: FitContext) -> None:
-        model.cache_items()
+        model.cache_items()  # from the float32 model (see the module docstring)
         self._compiled = None  # a compiled scorer belongs to the model it was built for
 
     @torch.inference_mode()

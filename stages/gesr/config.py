@@ -159,11 +159,11 @@ class GESRConfig:
     #                                 (request, candidate) pairs, so the per-pair intermediates
     #                                 stay in cache (on CPU ~2x faster than one huge call)
     # serving: compile the scoring path with torch.compile (Inductor), as the paper's serving
-    # does. The first scoring call of a process compiles (Toys, full model, one CPU thread: 94 s
-    # with a cold Inductor cache, 56 s with a warm one), then every call runs fused kernels:
-    # 1.11x the eager path there (823 vs 913 ms per 256 x 1000 batch, one process), whose cost
-    # is mostly transcendentals and layer norms that fusion does not remove. Off by default:
-    # a minute of compilation for ~10%.
+    # does. The first scoring call of a process compiles, then every call runs fused kernels.
+    # Toys, full model, one CPU thread, one process (commit 809162b, AVX-512 machine): 236 ->
+    # 175 ms per 256 x 1000 batch (1.35x) after a first call of 67 s (cold Inductor cache) or
+    # 17 s (warm); an earlier version of the path, on an AVX2 machine: 1.11x after 56-94 s. Off
+    # by default: the whole Toys replay of both ESRs scores for less time than it compiles.
     compile: bool = False
     # serving: "int8" quantizes the model's linear layers dynamically after training or loading
     # (`cascade.stages.quantize`; CPU only). GESR's wide layers run once per request or per item

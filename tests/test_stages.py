@@ -24,7 +24,9 @@ from cascade.stages.features import (
 )
 from cascade.stages.lsr import LateStageRanker, LSRConfig, rerank_ndcg
 from cascade.stages.popular import PopularRanker, PopularRetriever
-from cascade.stages.retrieval import RetrievalConfig, TwoTowerRetriever, build_index, index_search
+from cascade.stages.retrieval import (
+    FAISS_BLAS_MIN_QUERIES, RetrievalConfig, TwoTowerRetriever, build_index, index_search,
+)
 from cascade.stages.training import TrainConfig, sampled_mrr
 from cascade.stages.twotower import TwoTowerConfig, TwoTowerESR
 from cascade.util.tables import ConfigError
@@ -88,6 +90,26 @@ def history_sets(batch):
 
 
 # -- retrieval ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_queries", [3, 64])  # below and above FAISS_BLAS_MIN_QUERIES
+def test_flat_search_on_both_faiss_paths_is_brute_force(n_queries):
+    """`index_search` on a Flat index, one query at a time (few queries) or by BLAS products
+    (the path it turns on from FAISS_BLAS_MIN_QUERIES): the exact top-k scores, and the exact ids
+    wherever the k-th place is not a near-tie."""
+    import faiss
+
+    g = np.random.default_rng(n_queries)
+    items = g.standard_normal((5000, 16)).astype(np.float32)
+    users = torch.from_numpy(g.standard_normal((n_queries, 16)).astype(np.float32))
+    index = faiss.IndexFlatIP(16)
+    index.add(items)
+    scores, ids = index_search(index, users, 40, ef_search=16)
+    assert faiss.cvar.distance_compute_blas_threshold == FAISS_BLAS_MIN_QUERIES
+    ip = users.numpy() @ items.T
+    want = np.argsort(-ip, axis=1)[:, :40]
+    np.testing.assert_allclose(scores, np.take_along_axis(ip, want, 1), atol=1e-4)
+    assert (np.sort(ids, 1) == np.sort(want, 1)).mean() > 0.99
 
 
 def test_flat_index_returns_brute_force_top_k(retriever, batch):

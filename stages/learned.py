@@ -100,6 +100,7 @@ class LearnedStage:
         self.prepare_serving(model, ctx)
         if quantize == "int8":
             quantize_linears(model, skip=self.float_linears, field=field)
+            model.eval()  # lazily built caches (the LSR's item keys) restart from the int8 layers
         self.model_, self.fit_report_ = model, report
         return self
 

@@ -51,7 +51,7 @@ next-item head and DCN-v2 feature crossing. The heaviest model of the funnel.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -75,128 +75,10 @@ from cascade.stages.features import (
     subsample,
 )
 from cascade.stages.learned import LearnedStage
-from cascade.stages.lsr_validation import generative_ndcg, newest_output, rerank_ndcg
-from cascade.stages.quantize import check_mode
-from cascade.stages.training import TrainConfig, fit_model, sampled_mrr
-
-
-@dataclass(frozen=True, kw_only=True)
-class LSRConfig:
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    attention: str = "silu"  # "silu" (HSTU pointwise) or "softmax"
-    impl: str = "auto"  # target-aware attention implementation: auto | torch | triton | ref
-    n_cross: int = 2  # DCN-v2 cross layers
-    hidden: int = 128  # width of the crossed features and of the deep MLP
-    # 0.3 as SASRec: without it the next-item head overfits a sparse log within two passes
-    # (Amazon Toys validation NDCG@10 of the pretraining phase 0.039 at 0 -> 0.040 at 0.3; with
-    # user_id off as well 0.051)
-    dropout: float = 0.3
-    max_len: int | None = None  # use at most this many recent history events (None: all given)
-    n_negatives: int = 16
-    pop_negatives: float = 0.5  # share of negatives drawn by popularity ** 0.75 (hard ones)
-    # strength of the logQ correction in the ranking loss: 1 = unbiased sampled softmax (full-
-    # catalogue ranking), 0 = plain hard-negative softmax (discrimination among popular items)
-    rank_logq: float = 1.0
-    # a user-id embedding (long-term preference). Off: on a sparse log (5.6 training events per
-    # user on Toys) it memorises the training targets (Toys pretraining validation NDCG@10 0.040 on vs
-    # 0.051 off); on ml-100k (106 per user) it made no clear difference (0.100 vs 0.102)
-    user_id: bool = False
-    match_recent: int = 5  # the "recent" window of the explicit match counts
-    prefixes_per_window: int = 4  # ranking examples per encoded window (joint phase)
-    next_item_weight: float = 1.0  # weight of the generative next-item loss (0 = off)
-    # next-item loss: negatives drawn from the batch's positives (at most one per position in the
-    # batch), and uniform ones. Amazon Toys, pretraining validation NDCG@10: 512 + 512 0.0506,
-    # 2048 + 2048 0.0583 (1.9x the time of an epoch), 2048 + 4096 0.0568, the full softmax
-    # 0.0576 (4.2x); a dot product in place of the cosine 0.0557 (full softmax) and 0.0435 (512
-    # popularity-sampled negatives, SASRec's); temperature 0.1 0.0549; positions counted from
-    # the newest event 0.0457; dropout on the input tokens 0.0492; softmax attention 0.0524
-    in_batch_negatives: int = 2048
-    n_uniform_negatives: int = 2048
-    temperature: float = 0.05  # next-item loss: cosine temperature
-    # early stopping: "rerank_ndcg" (NDCG@10 re-ranking the generative head's top
-    # `valid_candidates`, aligned with the full-catalogue reference) or "sampled_mrr"
-    validation: str = "rerank_ndcg"
-    valid_candidates: int = 100
-    valid_requests: int = 2000
-    score_chunk: int = 512  # candidates scored per request at a time in score / score_all
-    quantize: str = "none"  # serving: "int8" = dynamic int8 linear layers (stages/quantize.py)
-    # validation NDCG is noisy on ml-100k-sized logs: patience 2 stopped some seeds at epoch 5
-    # with NDCG@10 0.065, where 12 epochs reach 0.094 (experiments/bench_stages.py). After the
-    # pretraining phase the joint phase needs its patience too: 8 epochs, patience 3 and 2
-    # prefixes per window never beat the pretrained weights on ml-100k (full-catalogue test
-    # NDCG@10 0.066), where this schedule passed them at epoch 9 (0.095)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            epochs=12, batch_size=64, lr=4e-3, patience=4, max_steps_per_epoch=40
-        )
-    )
-    # phase 1, before `train`: the encoder, item embeddings and generative head trained on the
-    # next-item loss alone (no per-pair ranking work, so several times cheaper a window), full
-    # passes over the windows with early stopping on the head's full-catalogue NDCG@10. None
-    # (or next_item_weight 0) skips it. Sparse logs need it: the joint phase's 480 steps of 64
-    # windows see ~1.6 passes over the Amazon Toys file, where SASRec needs ~15
-    pretrain: TrainConfig | None = field(
-        default_factory=lambda: TrainConfig(
-            epochs=40, batch_size=128, lr=3e-3, patience=2, length_batches=True
-        )
-    )
-
-    def __post_init__(self) -> None:
-        for name in (
-            "dim", "n_layers", "n_heads", "n_cross", "hidden", "n_negatives",
-            "prefixes_per_window", "valid_requests", "score_chunk", "match_recent",
-            "valid_candidates",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LSRConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"LSRConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.validation not in ("rerank_ndcg", "sampled_mrr"):
-            raise ValueError("LSRConfig.validation must be 'rerank_ndcg' or 'sampled_mrr', "
-                             f"got {self.validation!r}")
-        if self.attention not in ("silu", "softmax"):
-            raise ValueError(f"LSRConfig.attention must be 'silu' or 'softmax', got {self.attention!r}")
-        if self.impl not in ("auto", "torch", "triton", "ref"):
-            raise ValueError(
-                f"LSRConfig.impl must be one of 'auto', 'torch', 'triton', 'ref', got {self.impl!r}"
-            )
-        if self.max_len is not None and self.max_len < 1:
-            raise ValueError(f"LSRConfig.max_len must be >= 1 or None, got {self.max_len}")
-        if not 0.0 <= self.pop_negatives <= 1.0:
-            raise ValueError(f"LSRConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LSRConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.next_item_weight < 0 or self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
-            raise ValueError("LSRConfig.next_item_weight, in_batch_negatives and "
-                             "n_uniform_negatives must be >= 0")
-        if not 0.0 <= self.rank_logq <= 1.0:
-            raise ValueError(f"LSRConfig.rank_logq must be in [0, 1], got {self.rank_logq}")
-        check_mode(self.quantize, "LSRConfig.quantize")
-        if not self.temperature > 0:
-            raise ValueError(f"LSRConfig.temperature must be > 0, got {self.temperature}")
-        if not isinstance(self.train, TrainConfig):
-            raise ValueError("LSRConfig.train must be a TrainConfig")
-        if self.pretrain is not None and not isinstance(self.pretrain, TrainConfig):
-            raise ValueError("LSRConfig.pretrain must be a TrainConfig or left out")
-
-
-class CrossNetwork(nn.Module):
-    """DCN-v2 full-rank cross layers: x_{l+1} = x0 * (W_l x_l + b_l) + x_l."""
-
-    def __init__(self, dim: int, n_layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
-        for layer in self.layers:
-            nn.init.normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x0: Tensor) -> Tensor:
-        x = x0
-        for layer in self.layers:
-            x = x0 * layer(x) + x
-        return x
+from cascade.stages.dcn import CrossNetwork
+from cascade.stages.lsr_config import LSRConfig
+from cascade.stages.lsr_validation import generative_ndcg, newest_output, next_keys, rerank_ndcg
+from cascade.stages.training import fit_model, sampled_mrr
 
 
 class LSRModel(nn.Module):
@@ -272,6 +154,25 @@ class LSRModel(nn.Module):
         """(..., D) item embeddings -> unit-norm next-item keys."""
         return F.normalize(item + self.next_item(item), dim=-1)
 
+    def train(self, mode: bool = True) -> "LSRModel":
+        self._keys = None  # the catalogue's next-item keys (`generative`), rebuilt on demand
+        return super().train(mode)
+
+    def generative(self, query: Tensor, candidates: Tensor, item: Tensor | None) -> Tensor:
+        """(B, n) generative scores of the candidates for unit queries (B, D). In training, from
+        the candidates' embeddings `item` (or their ids); in eval mode without autograd, from the
+        catalogue's keys, computed once: one product with the whole catalogue when it has at
+        most `FULL_PRODUCT_RATIO` times the candidates, else the candidates' rows."""
+        if self.training or torch.is_grad_enabled():
+            keys = self.next_key(self.items(candidates) if item is None else item)
+            return self.inv_temp * (query[:, None] * keys).sum(-1)
+        if getattr(self, "_keys", None) is None:
+            self._keys = next_keys(self, candidates.device)
+        if self._keys.shape[0] <= FULL_PRODUCT_RATIO * candidates.shape[1]:
+            return self.inv_temp * torch.gather(query @ self._keys.T, 1, candidates)
+        rows = F.embedding(candidates, self._keys)  # (B, n, D)
+        return self.inv_temp * torch.matmul(query[:, None, :], rows.transpose(1, 2))[:, 0]
+
     def crossing_is_zero(self) -> bool:
         """True when the crossing head and the candidate-output dot contribute exactly 0 to every
         score (both start at zero; the joint phase kept its starting weights)."""
@@ -282,11 +183,11 @@ class LSRModel(nn.Module):
         the crossing contributes exactly 0 (`crossing_is_zero`), only the generative score is
         computed: the same logits, bit for bit, without the per-candidate encoder and DCN work;
         `full` computes every part anyway (tests)."""
-        item = self.items(candidates)  # (B, n, D)
         hist_len = enc.state.hist_len
         if not (full or torch.is_grad_enabled()) and self.crossing_is_zero():
             query = self.next_query(newest_output(enc.state.output, hist_len) + enc.user)
-            return self.inv_temp * (query[:, None] * self.next_key(item)).sum(-1)  # as head_logits
+            return self.generative(query, candidates, None)
+        item = self.items(candidates)  # (B, n, D)
         out = self.encoder.score_candidates(enc.state, self.candidate_tokens(item, hist_len))
         return self.head_logits(enc.user, enc.hist_items, enc.hist_actions, hist_len, candidates,
                                 item, out, enc.state.output)
@@ -312,7 +213,7 @@ class LSRModel(nn.Module):
         x0 = self.x0(x0)  # (B, n, hidden)
         logit = self.head(torch.cat([self.cross(x0), self.deep(x0)], -1)).squeeze(-1)
         query = self.next_query(newest + user)  # (B, D)
-        generative = self.inv_temp * (query[:, None] * self.next_key(item)).sum(-1)
+        generative = self.generative(query, candidates, item)
         return logit + self.dot_weight * self.dot_scale * (out * item).sum(-1) + generative
 
     def forward(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
@@ -352,6 +253,11 @@ class Encoded:
         history tokens are causal (a prefix's K/V and outputs do not depend on later events)."""
         state = replace(self.state.select(rows), hist_len=lengths)
         return Encoded(state, self.user[rows], self.hist_items[rows], self.hist_actions[rows])
+
+
+# serving: requests encoded together (`LateStageRanker.score`); the generative score as one
+# product with the catalogue's keys when it has at most this many times the candidates
+SCORE_GROUP, FULL_PRODUCT_RATIO = 64, 32
 
 
 @register("lsr", "lsr")
@@ -463,17 +369,20 @@ class LateStageRanker(LearnedStage):
     @torch.no_grad()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """candidates (B, K) int64 -> (B, K) float32; the history is encoded once per request and
-        the candidates scored against it in chunks of `score_chunk`."""
+        the candidates scored against it in chunks of `score_chunk`. Requests go in groups of
+        `SCORE_GROUP` of similar history length, each cut to its longest history, so the encoder
+        spans real events rather than the batch's padding (the same scores)."""
         model = self.fitted_model()
         batch = recent_history(batch.to(self.device_), model.width)
         c = candidates.to(self.device_)
-        enc = model.encode(batch)
-        step = self.config.score_chunk
-        out = torch.cat(
-            [model.score_with(enc, c[:, s : s + step]) for s in range(0, c.shape[1], step)],
-            dim=1,
-        )
-        return out.float()
+        out = torch.empty(c.shape, dtype=torch.float32, device=c.device)
+        order, step = torch.argsort(batch.hist_len, stable=True), self.config.score_chunk
+        for lo in range(0, len(batch), SCORE_GROUP):  # by history length, cut to the longest
+            rows = order[lo : lo + SCORE_GROUP]
+            enc, cr = model.encode(batch.select(rows).trimmed()), c[rows]
+            out[rows] = torch.cat([model.score_with(enc, cr[:, s : s + step])
+                                   for s in range(0, cr.shape[1], step)], dim=1).float()
+        return out
 
     @torch.no_grad()
     def score_all(self, batch: RequestBatch, chunk: int | None = None) -> Tensor:

@@ -26,7 +26,7 @@ def newest_output(hist_out: Tensor, hist_len: Tensor) -> Tensor:
 
 
 
-def _next_keys(model: nn.Module, device: torch.device) -> Tensor:
+def next_keys(model: nn.Module, device: torch.device) -> Tensor:
     """(n_items, D) the generative head's key of every item, in chunks."""
     n_items = model.items.n_items
     return torch.cat([
@@ -41,7 +41,7 @@ def generative_ndcg(model: nn.Module, traffic, exclude_seen: bool, device: torch
     stopping): every item scored by <query, key>, seen items left out when the run leaves them
     out; ranks and NDCG are `cascade.util.ranking`'s (ties count against the target)."""
     model.eval()
-    keys = _next_keys(model, device)
+    keys = next_keys(model, device)
     per_request = []
     for batch in traffic.batches(256):
         batch = batch.to(device)
@@ -66,7 +66,7 @@ def rerank_ndcg(
     NDCG are `cascade.util.ranking`'s, as the run's metrics (ties count against the target)."""
     model.eval()
     n_items = model.items.n_items
-    keys = _next_keys(model, device)  # (n_items, D)
+    keys = next_keys(model, device)  # (n_items, D)
     per_request = []
     for batch in traffic.batches(256):
         batch = batch.to(device)

@@ -306,6 +306,23 @@ def test_lsr_skips_the_crossing_only_when_it_adds_exactly_zero(lsr, batch):
         torch.testing.assert_close(model.score_with(enc, cand), model.score_with(enc, cand, full=True))
 
 
+def test_lsr_serving_keys_equal_recomputed_keys(lsr, batch):
+    """Serving reads the candidates' next-item keys from the catalogue's, computed once; with
+    autograd (training) they are recomputed from the embeddings: the same scores. Training mode
+    drops the catalogue's keys (the weights are about to change)."""
+    model = copy.deepcopy(lsr.fitted_model())
+    cand = torch.randint(0, 120, (len(batch), 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        enc = model.encode(batch)
+        served = model.score_with(enc, cand)
+    assert model._keys is not None and model._keys.shape[0] == 120
+    with torch.enable_grad():
+        recomputed = model.score_with(enc, cand).detach()
+    torch.testing.assert_close(served, recomputed, rtol=1e-5, atol=1e-5)
+    model.train()
+    assert model._keys is None
+
+
 def test_lsr_outranks_a_pointwise_twotower(lsr, test_traffic, ctx):
     # the sequence signal of this data (the successor of the last favourite-category item) is
     # only partly visible to the two-tower's pooled history: trained pointwise, as GESR's ESR, it

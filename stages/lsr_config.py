@@ -1,0 +1,111 @@
+"""`LSRConfig`: the late-stage ranker's sizes, objective, training schedule and serving options
+(`stages/lsr.py` says what each part is)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cascade.stages.quantize import check_mode
+from cascade.stages.training import TrainConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class LSRConfig:
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    attention: str = "silu"  # "silu" (HSTU pointwise) or "softmax"
+    impl: str = "auto"  # target-aware attention implementation: auto | torch | triton | ref
+    n_cross: int = 2  # DCN-v2 cross layers
+    hidden: int = 128  # width of the crossed features and of the deep MLP
+    # 0.3 as SASRec: without it the next-item head overfits a sparse log within two passes
+    # (Amazon Toys validation NDCG@10 of the pretraining phase 0.039 at 0 -> 0.040 at 0.3; with
+    # user_id off as well 0.051)
+    dropout: float = 0.3
+    max_len: int | None = None  # use at most this many recent history events (None: all given)
+    n_negatives: int = 16
+    pop_negatives: float = 0.5  # share of negatives drawn by popularity ** 0.75 (hard ones)
+    # strength of the logQ correction in the ranking loss: 1 = unbiased sampled softmax (full-
+    # catalogue ranking), 0 = plain hard-negative softmax (discrimination among popular items)
+    rank_logq: float = 1.0
+    # a user-id embedding (long-term preference). Off: on a sparse log (5.6 training events per
+    # user on Toys) it memorises the training targets (Toys pretraining validation NDCG@10 0.040 on vs
+    # 0.051 off); on ml-100k (106 per user) it made no clear difference (0.100 vs 0.102)
+    user_id: bool = False
+    match_recent: int = 5  # the "recent" window of the explicit match counts
+    prefixes_per_window: int = 4  # ranking examples per encoded window (joint phase)
+    next_item_weight: float = 1.0  # weight of the generative next-item loss (0 = off)
+    # next-item loss: negatives drawn from the batch's positives (at most one per position in the
+    # batch), and uniform ones. Amazon Toys, pretraining validation NDCG@10: 512 + 512 0.0506,
+    # 2048 + 2048 0.0583 (1.9x the time of an epoch), 2048 + 4096 0.0568, the full softmax
+    # 0.0576 (4.2x); a dot product in place of the cosine 0.0557 (full softmax) and 0.0435 (512
+    # popularity-sampled negatives, SASRec's); temperature 0.1 0.0549; positions counted from
+    # the newest event 0.0457; dropout on the input tokens 0.0492; softmax attention 0.0524
+    in_batch_negatives: int = 2048
+    n_uniform_negatives: int = 2048
+    temperature: float = 0.05  # next-item loss: cosine temperature
+    # early stopping: "rerank_ndcg" (NDCG@10 re-ranking the generative head's top
+    # `valid_candidates`, aligned with the full-catalogue reference) or "sampled_mrr"
+    validation: str = "rerank_ndcg"
+    valid_candidates: int = 100
+    valid_requests: int = 2000
+    score_chunk: int = 512  # candidates scored per request at a time in score / score_all
+    quantize: str = "none"  # serving: "int8" = dynamic int8 linear layers (stages/quantize.py)
+    # validation NDCG is noisy on ml-100k-sized logs: patience 2 stopped some seeds at epoch 5
+    # with NDCG@10 0.065, where 12 epochs reach 0.094 (experiments/bench_stages.py). After the
+    # pretraining phase the joint phase needs its patience too: 8 epochs, patience 3 and 2
+    # prefixes per window never beat the pretrained weights on ml-100k (full-catalogue test
+    # NDCG@10 0.066), where this schedule passed them at epoch 9 (0.095)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=12, batch_size=64, lr=4e-3, patience=4, max_steps_per_epoch=40
+        )
+    )
+    # phase 1, before `train`: the encoder, item embeddings and generative head trained on the
+    # next-item loss alone (no per-pair ranking work, so several times cheaper a window), full
+    # passes over the windows with early stopping on the head's full-catalogue NDCG@10. None
+    # (or next_item_weight 0) skips it. Sparse logs need it: the joint phase's 480 steps of 64
+    # windows see ~1.6 passes over the Amazon Toys file, where SASRec needs ~15
+    pretrain: TrainConfig | None = field(
+        default_factory=lambda: TrainConfig(
+            epochs=40, batch_size=128, lr=3e-3, patience=2, length_batches=True
+        )
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "dim", "n_layers", "n_heads", "n_cross", "hidden", "n_negatives",
+            "prefixes_per_window", "valid_requests", "score_chunk", "match_recent",
+            "valid_candidates",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LSRConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"LSRConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.validation not in ("rerank_ndcg", "sampled_mrr"):
+            raise ValueError("LSRConfig.validation must be 'rerank_ndcg' or 'sampled_mrr', "
+                             f"got {self.validation!r}")
+        if self.attention not in ("silu", "softmax"):
+            raise ValueError(f"LSRConfig.attention must be 'silu' or 'softmax', got {self.attention!r}")
+        if self.impl not in ("auto", "torch", "triton", "ref"):
+            raise ValueError(
+                f"LSRConfig.impl must be one of 'auto', 'torch', 'triton', 'ref', got {self.impl!r}"
+            )
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"LSRConfig.max_len must be >= 1 or None, got {self.max_len}")
+        if not 0.0 <= self.pop_negatives <= 1.0:
+            raise ValueError(f"LSRConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LSRConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.next_item_weight < 0 or self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
+            raise ValueError("LSRConfig.next_item_weight, in_batch_negatives and "
+                             "n_uniform_negatives must be >= 0")
+        if not 0.0 <= self.rank_logq <= 1.0:
+            raise ValueError(f"LSRConfig.rank_logq must be in [0, 1], got {self.rank_logq}")
+        check_mode(self.quantize, "LSRConfig.quantize")
+        if not self.temperature > 0:
+            raise ValueError(f"LSRConfig.temperature must be > 0, got {self.temperature}")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError("LSRConfig.train must be a TrainConfig")
+        if self.pretrain is not None and not isinstance(self.pretrain, TrainConfig):
+            raise ValueError("LSRConfig.pretrain must be a TrainConfig or left out")

@@ -252,11 +252,13 @@ def test_retrieval_recall_beats_popular_retrieval(retriever, ctx, test_traffic):
 # -- two-tower ESR ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_pairs", [16384, 7])  # one group; a group of 1 request (7 // 30 -> 1)
-def test_twotower_cached_item_vectors_equal_recomputation(twotower, batch, chunk_pairs, monkeypatch):
+# the whole catalogue's product; gathered rows in one group; in groups of 1 request (7 // 30)
+@pytest.mark.parametrize("chunk_pairs,ratio", [(16384, 32), (16384, 0), (7, 0)])
+def test_twotower_cached_item_vectors_equal_recomputation(twotower, batch, chunk_pairs, ratio, monkeypatch):
     import cascade.stages.twotower as tt
 
     monkeypatch.setattr(tt, "SCORE_CHUNK_PAIRS", chunk_pairs)
+    monkeypatch.setattr(tt, "FULL_PRODUCT_RATIO", ratio)
     cand = torch.randint(0, twotower.item_vecs_.shape[0], (len(batch), 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fresh = twotower.model_(batch, cand)  # runs the item tower again

@@ -112,8 +112,8 @@ class ItemFeatureEmbedder(nn.Module):
         device; GESR's hard matching reads categories from here."""
         return getattr(self, _buffer_name(name))
 
-    def tokens(self, ids: Tensor) -> Tensor:
-        """(*shape) ids -> (*shape, P, dim): one token per part (id, each feature)."""
+    def parts(self, ids: Tensor) -> list[Tensor]:
+        """(*shape) ids -> one (*shape, dim) embedding per part (id, each feature)."""
         parts: list[Tensor] = []
         if self.id_emb is not None:
             parts.append(self.id_emb(ids))
@@ -123,8 +123,15 @@ class ItemFeatureEmbedder(nn.Module):
         for name, emb in zip(self.multi_names, self.multi_embs):
             codes = take_rows(self.multi_codes(name), ids)  # (*shape, L)
             count = (codes > 0).sum(-1, keepdim=True).clamp_min(1).to(emb.weight.dtype)
-            parts.append(emb(codes).sum(-2) / count)  # mean over non-zero codes
-        return torch.stack(parts, dim=-2)
+            # the mean over non-zero codes (row 0 is zero padding): one fused gather and sum
+            total = F.embedding_bag(codes.reshape(-1, codes.shape[-1]), emb.weight, mode="sum",
+                                    padding_idx=0)
+            parts.append(total.view(*codes.shape[:-1], -1) / count)
+        return parts
+
+    def tokens(self, ids: Tensor) -> Tensor:
+        """(*shape) ids -> (*shape, P, dim): one token per part (id, each feature)."""
+        return torch.stack(self.parts(ids), dim=-2)
 
     def forward(self, ids: Tensor) -> Tensor:
         if ids.numel() > DEDUP_MIN and 4 * self.n_items <= ids.numel() and not torch.is_grad_enabled():
@@ -141,10 +148,10 @@ class ItemFeatureEmbedder(nn.Module):
         return self._embed(ids)
 
     def _embed(self, ids: Tensor) -> Tensor:
-        tok = self.tokens(ids)  # (*shape, P, dim)
+        parts = self.parts(ids)  # P x (*shape, dim)
         if self.proj is None:
-            return tok.sum(-2)
-        return self.proj(tok.flatten(-2))
+            return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        return self.proj(torch.cat(parts, dim=-1))
 
 
 class UserFeatureEmbedder(nn.Module):

@@ -101,6 +101,13 @@ def category_sets(cats: Tensor, n_categories: int) -> tuple[Tensor, Tensor]:
     return set_id, sets
 
 
+def _bag_sum(ids: Tensor, table: Tensor) -> Tensor:
+    """ids (*shape, P) -> (*shape, width): the sum of the P rows of `table`, one fused
+    `embedding_bag` (a gather then a sum over the short dim P cost ~3x: ml-100k, 64 requests)."""
+    out = F.embedding_bag(ids.reshape(-1, ids.shape[-1]), table, mode="sum")
+    return out.view(*ids.shape[:-1], table.shape[-1])
+
+
 class HardMatchingAttention(nn.Module):
     """Capped match counts per pair -> bucket embeddings (stride M+1) -> MLP -> T_match."""
 
@@ -205,11 +212,11 @@ class HardMatchingAttention(nn.Module):
         if run_counts is not None:
             off = offsets[self.item_cols]
             ids = torch.cat([run_counts.clamp(max=self.cap), run_counts.new_zeros(b, 1, len(off))], 1)
-            hidden_items = F.embedding(ids + off, table).sum(-2) + bias  # (B, N + 1, hidden)
+            hidden_items = _bag_sum(ids + off, table) + bias  # (B, N + 1, hidden)
             bias = 0.0
         if set_counts is not None:
             ids = set_counts.clamp(max=self.cap) + offsets[self.cat_cols]
-            hidden_sets = F.embedding(ids, table).sum(-2) + bias  # (B, S, hidden)
+            hidden_sets = _bag_sum(ids, table) + bias  # (B, S, hidden)
         return HMAHistory(keys=keys, run_counts=run_counts, set_counts=set_counts,
                           incidence=incidence, cat_masks=cat_masks, hidden_items=hidden_items,
                           hidden_sets=hidden_sets)

@@ -158,6 +158,12 @@ class LSRModel(nn.Module):
         self._keys = None  # the catalogue's next-item keys (`generative`), rebuilt on demand
         return super().train(mode)
 
+    def catalogue_keys(self, device: torch.device) -> Tensor:
+        """(n_items, D) every item's next-item key, computed once (eval mode, no autograd)."""
+        if getattr(self, "_keys", None) is None:
+            self._keys = next_keys(self, device)
+        return self._keys
+
     def generative(self, query: Tensor, candidates: Tensor, item: Tensor | None) -> Tensor:
         """(B, n) generative scores of the candidates for unit queries (B, D). In training, from
         the candidates' embeddings `item` (or their ids); in eval mode without autograd, from the
@@ -166,11 +172,10 @@ class LSRModel(nn.Module):
         if self.training or torch.is_grad_enabled():
             keys = self.next_key(self.items(candidates) if item is None else item)
             return self.inv_temp * (query[:, None] * keys).sum(-1)
-        if getattr(self, "_keys", None) is None:
-            self._keys = next_keys(self, candidates.device)
-        if self._keys.shape[0] <= FULL_PRODUCT_RATIO * candidates.shape[1]:
-            return self.inv_temp * torch.gather(query @ self._keys.T, 1, candidates)
-        rows = F.embedding(candidates, self._keys)  # (B, n, D)
+        keys = self.catalogue_keys(candidates.device)
+        if keys.shape[0] <= FULL_PRODUCT_RATIO * candidates.shape[1]:
+            return self.inv_temp * torch.gather(query @ keys.T, 1, candidates)
+        rows = F.embedding(candidates, keys)  # (B, n, D)
         return self.inv_temp * torch.matmul(query[:, None, :], rows.transpose(1, 2))[:, 0]
 
     def crossing_is_zero(self) -> bool:
@@ -394,6 +399,11 @@ class LateStageRanker(LearnedStage):
         batch = recent_history(batch.to(self.device_), model.width)
         enc = model.encode(batch)
         n = model.items.n_items
+        if model.crossing_is_zero():  # the generative head alone: one product per chunk of keys
+            query = model.next_query(newest_output(enc.state.output, enc.state.hist_len) + enc.user)
+            keys = model.catalogue_keys(self.device_)
+            return torch.cat([model.inv_temp * (query @ keys[s : s + step].T)
+                              for s in range(0, n, step)], dim=1).float()
         parts = []
         for s in range(0, n, step):
             ids = torch.arange(s, min(s + step, n), device=self.device_)

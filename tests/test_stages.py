@@ -308,6 +308,20 @@ def test_lsr_skips_the_crossing_only_when_it_adds_exactly_zero(lsr, batch):
         torch.testing.assert_close(model.score_with(enc, cand), model.score_with(enc, cand, full=True))
 
 
+def test_lsr_score_all_of_the_generative_head_equals_scoring_the_candidates(lsr, batch):
+    """A crossing head of exactly zero: `score_all` takes one product per chunk of the
+    catalogue's keys, and agrees with `score` (which gathers) on any candidates."""
+    stage = copy.deepcopy(lsr)
+    model = stage.fitted_model()
+    with torch.no_grad():
+        model.head.weight.zero_(), model.head.bias.zero_(), model.dot_weight.zero_()
+    assert model.crossing_is_zero()
+    every = stage.score_all(batch, chunk=17)
+    assert every.shape == (len(batch), 120)
+    cand = torch.randint(0, 120, (len(batch), 10), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(every.gather(1, cand), stage.score(batch, cand), rtol=1e-5, atol=1e-5)
+
+
 def test_lsr_serving_keys_equal_recomputed_keys(lsr, batch):
     """Serving reads the candidates' next-item keys from the catalogue's, computed once; with
     autograd (training) they are recomputed from the embeddings: the same scores. Training mode

@@ -59,6 +59,17 @@ class RequestBatch:
         return replace(self, hist_items=self.hist_items[:, :n], hist_actions=self.hist_actions[:, :n],
                        hist_gaps=self.hist_gaps[:, :n])
 
+    def length_groups(self, size: int) -> Iterator[tuple[Tensor, "RequestBatch"]]:
+        """(rows, those requests trimmed) in groups of `size` requests of similar history length,
+        shortest first: serving a group then spans its own longest history, not the batch's."""
+        if len(self) <= size:
+            yield torch.arange(len(self), device=self.hist_len.device), self.trimmed()
+            return
+        order = torch.argsort(self.hist_len, stable=True)
+        for lo in range(0, len(self), size):
+            rows = order[lo : lo + size]
+            yield rows, self.select(rows).trimmed()
+
 
 _EVENT_ARRAYS: dict[int, tuple[weakref.ref, tuple]] = {}
 

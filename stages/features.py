@@ -35,15 +35,10 @@ from torch import Tensor, nn
 from cascade.data.dataset import FeatureTable
 from cascade.data.derive import N_ACTION_CODES, N_GAP_BUCKETS
 from cascade.data.traffic import RequestBatch, Traffic
+from cascade.stages.gather import take_rows
 
 Combine = Literal["sum", "concat"]
 DEDUP_MIN = 2048  # ItemFeatureEmbedder embeds distinct ids once when a call has more ids
-
-
-def take_rows(table: Tensor, idx: Tensor) -> Tensor:
-    """table[idx] for a table of any dtype and int64 ids of any shape, as one `index_select`:
-    advanced indexing costs ~3x (ml-100k code tables, 256 x 50 ids: 0.098 vs 0.027 ms)."""
-    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
 
 
 def _check_combine(combine: str) -> None:

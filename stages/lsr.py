@@ -74,6 +74,7 @@ from cascade.stages.features import (
     shared_negative_softmax,
     subsample,
 )
+from cascade.stages.gather import dot_candidates
 from cascade.stages.learned import LearnedStage
 from cascade.stages.dcn import CrossNetwork
 from cascade.stages.lsr_config import LSRConfig
@@ -122,6 +123,7 @@ class LSRModel(nn.Module):
         self.next_proj = nn.Linear(d, d)  # history output -> next-item query (generative path)
         self.next_item = nn.Linear(d, d)  # item embedding -> next-item key
         self.inv_temp = 1.0 / cfg.temperature
+        self._keys: Tensor | None = None  # the catalogue's next-item keys (`catalogue_keys`)
         nn.init.normal_(self.position.weight, std=0.02)
 
     # -- tokens ------------------------------------------------------------------------------
@@ -160,23 +162,23 @@ class LSRModel(nn.Module):
 
     def catalogue_keys(self, device: torch.device) -> Tensor:
         """(n_items, D) every item's next-item key, computed once (eval mode, no autograd)."""
-        if getattr(self, "_keys", None) is None:
+        if self._keys is None:
             self._keys = next_keys(self, device)
         return self._keys
+
+    def generative_query(self, enc: "Encoded") -> Tensor:
+        """(B, D) unit next-item queries of encoded requests: newest output + user."""
+        return self.next_query(newest_output(enc.state.output, enc.state.hist_len) + enc.user)
 
     def generative(self, query: Tensor, candidates: Tensor, item: Tensor | None) -> Tensor:
         """(B, n) generative scores of the candidates for unit queries (B, D). In training, from
         the candidates' embeddings `item` (or their ids); in eval mode without autograd, from the
-        catalogue's keys, computed once: one product with the whole catalogue when it has at
-        most `FULL_PRODUCT_RATIO` times the candidates, else the candidates' rows."""
+        catalogue's keys, computed once (`gather.dot_candidates`)."""
         if self.training or torch.is_grad_enabled():
             keys = self.next_key(self.items(candidates) if item is None else item)
             return self.inv_temp * (query[:, None] * keys).sum(-1)
         keys = self.catalogue_keys(candidates.device)
-        if keys.shape[0] <= FULL_PRODUCT_RATIO * candidates.shape[1]:
-            return self.inv_temp * torch.gather(query @ keys.T, 1, candidates)
-        rows = F.embedding(candidates, keys)  # (B, n, D)
-        return self.inv_temp * torch.matmul(query[:, None, :], rows.transpose(1, 2))[:, 0]
+        return self.inv_temp * dot_candidates(query, keys, candidates)
 
     def crossing_is_zero(self) -> bool:
         """True when the crossing head and the candidate-output dot contribute exactly 0 to every
@@ -190,8 +192,7 @@ class LSRModel(nn.Module):
         `full` computes every part anyway (tests)."""
         hist_len = enc.state.hist_len
         if not (full or torch.is_grad_enabled()) and self.crossing_is_zero():
-            query = self.next_query(newest_output(enc.state.output, hist_len) + enc.user)
-            return self.generative(query, candidates, None)
+            return self.generative(self.generative_query(enc), candidates, None)
         item = self.items(candidates)  # (B, n, D)
         out = self.encoder.score_candidates(enc.state, self.candidate_tokens(item, hist_len))
         return self.head_logits(enc.user, enc.hist_items, enc.hist_actions, hist_len, candidates,
@@ -260,9 +261,7 @@ class Encoded:
         return Encoded(state, self.user[rows], self.hist_items[rows], self.hist_actions[rows])
 
 
-# serving: requests encoded together (`LateStageRanker.score`); the generative score as one
-# product with the catalogue's keys when it has at most this many times the candidates
-SCORE_GROUP, FULL_PRODUCT_RATIO = 64, 32
+SCORE_GROUP = 64  # serving: requests encoded together (`LateStageRanker.score`)
 
 
 @register("lsr", "lsr")
@@ -381,10 +380,9 @@ class LateStageRanker(LearnedStage):
         batch = recent_history(batch.to(self.device_), model.width)
         c = candidates.to(self.device_)
         out = torch.empty(c.shape, dtype=torch.float32, device=c.device)
-        order, step = torch.argsort(batch.hist_len, stable=True), self.config.score_chunk
-        for lo in range(0, len(batch), SCORE_GROUP):  # by history length, cut to the longest
-            rows = order[lo : lo + SCORE_GROUP]
-            enc, cr = model.encode(batch.select(rows).trimmed()), c[rows]
+        step = self.config.score_chunk
+        for rows, group in batch.length_groups(SCORE_GROUP):
+            enc, cr = model.encode(group), c[rows]
             out[rows] = torch.cat([model.score_with(enc, cr[:, s : s + step])
                                    for s in range(0, cr.shape[1], step)], dim=1).float()
         return out
@@ -400,7 +398,7 @@ class LateStageRanker(LearnedStage):
         enc = model.encode(batch)
         n = model.items.n_items
         if model.crossing_is_zero():  # the generative head alone: one product per chunk of keys
-            query = model.next_query(newest_output(enc.state.output, enc.state.hist_len) + enc.user)
+            query = model.generative_query(enc)
             keys = model.catalogue_keys(self.device_)
             return torch.cat([model.inv_temp * (query @ keys[s : s + step].T)
                               for s in range(0, n, step)], dim=1).float()

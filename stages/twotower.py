@@ -39,6 +39,7 @@ from cascade.stages.features import (
     shared_negative_softmax,
     subsample,
 )
+from cascade.stages.gather import dot_candidates
 from cascade.stages.learned import LearnedStage
 from cascade.stages.training import TrainConfig, fit_model, sampled_mrr
 
@@ -144,15 +145,6 @@ class TwoTowerModel(nn.Module):
         )
 
 
-# serving: (request, candidate) pairs per gather-and-product group, so the gathered rows stay in
-# cache (see `TwoTowerESR.score`)
-SCORE_CHUNK_PAIRS = 16384
-# ... unless the catalogue has at most this many times the candidates per request: then one
-# product with every item and a gather of the candidates' scores (ml-100k, 256 x 250, one
-# thread: the whole `score` 3.1 -> 2.4 ms)
-FULL_PRODUCT_RATIO = 32
-
-
 @register("esr", "twotower")
 class TwoTowerESR(LearnedStage):
     """Two-tower ESR with cached item vectors (see the module docstring)."""
@@ -203,23 +195,9 @@ class TwoTowerESR(LearnedStage):
 
     @torch.no_grad()
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
-        """candidates (B, K) int64 -> (B, K) float32: [u ; 1] times the cached rows [v ; bias] of
-        the whole catalogue (small beside K, `FULL_PRODUCT_RATIO`) or of the gathered candidates,
-        in groups of about `SCORE_CHUNK_PAIRS` (request, candidate) pairs. One gather of the
-        whole batch writes B K (D + 1) floats to fresh memory (66 MB at 256 x 1000, D = 64) and
-        cost ~10x the product: 46 -> 2.0 ms per 256 x 1000 batch on 12k items, 2 threads."""
+        """candidates (B, K) int64 -> (B, K) float32: [u ; 1] times the cached rows [v ; bias]
+        (`gather.dot_candidates`)."""
         model = self.fitted_model()
-        batch = batch.to(self.device_)
-        c = candidates.to(self.device_)
-        u = model.user(batch)
+        u = model.user(batch.to(self.device_))
         u = torch.cat([u, torch.ones_like(u[:, :1])], dim=1)  # (B, D + 1)
-        b, k = c.shape
-        if self.item_vecs_.shape[0] <= FULL_PRODUCT_RATIO * k:  # whole catalogue, then a gather
-            return torch.gather(u @ self.item_vecs_.T, 1, c).float()
-        u = u[:, None, :]
-        step = max(1, SCORE_CHUNK_PAIRS // max(k, 1))
-        out = torch.empty(b, k, dtype=torch.float32, device=c.device)
-        for lo in range(0, b, step):
-            rows = F.embedding(c[lo : lo + step], self.item_vecs_)  # (b', K, D + 1)
-            out[lo : lo + step] = torch.matmul(u[lo : lo + step], rows.transpose(1, 2))[:, 0]
-        return out
+        return dot_candidates(u, self.item_vecs_, candidates.to(self.device_)).float()

@@ -112,6 +112,35 @@ def test_flat_search_on_both_faiss_paths_is_brute_force(n_queries):
     assert (np.sort(ids, 1) == np.sort(want, 1)).mean() > 0.99
 
 
+# the whole table's product; gathered rows in one group; in groups of 1 request (7 // 30)
+@pytest.mark.parametrize("chunk_pairs,ratio", [(16384, 32), (16384, 0), (7, 0)])
+def test_dot_candidates_on_each_path_equals_the_gathered_dot_product(chunk_pairs, ratio, monkeypatch):
+    import cascade.stages.gather as fe
+
+    monkeypatch.setattr(fe, "GATHER_CHUNK_PAIRS", chunk_pairs)
+    monkeypatch.setattr(fe, "FULL_PRODUCT_RATIO", ratio)
+    g = torch.Generator().manual_seed(chunk_pairs + ratio)
+    q, table = torch.randn(9, 5, generator=g), torch.randn(200, 5, generator=g)
+    cand = torch.randint(0, 200, (9, 30), generator=g)
+    want = (q[:, None, :] * table[cand]).sum(-1)
+    torch.testing.assert_close(fe.dot_candidates(q, table, cand), want, rtol=1e-5, atol=1e-5)
+
+
+def test_length_groups_cover_every_request_once_trimmed(batch):
+    groups = list(batch.length_groups(5))
+    rows = torch.cat([r for r, _ in groups])
+    assert sorted(rows.tolist()) == list(range(len(batch)))
+    lens = [batch.hist_len[r] for r, _ in groups]
+    assert all(a.max() <= b.min() for a, b in zip(lens, lens[1:]))  # shortest first
+    for r, group in groups:
+        assert torch.equal(group.hist_len, batch.hist_len[r])
+        assert group.hist_items.shape[1] == max(int(group.hist_len.max()), 1)
+        n = group.hist_items.shape[1]
+        assert torch.equal(group.hist_items, batch.hist_items[r][:, :n])
+    (r_all, whole), = batch.length_groups(len(batch))  # one group: every request, in order
+    assert torch.equal(r_all, torch.arange(len(batch))) and torch.equal(whole.hist_len, batch.hist_len)
+
+
 def test_flat_index_returns_brute_force_top_k(retriever, batch):
     k = 15
     # what fit remembered of the run's exclude_seen; only `retrieve` reads it
@@ -252,13 +281,7 @@ def test_retrieval_recall_beats_popular_retrieval(retriever, ctx, test_traffic):
 # -- two-tower ESR ------------------------------------------------------------------------------
 
 
-# the whole catalogue's product; gathered rows in one group; in groups of 1 request (7 // 30)
-@pytest.mark.parametrize("chunk_pairs,ratio", [(16384, 32), (16384, 0), (7, 0)])
-def test_twotower_cached_item_vectors_equal_recomputation(twotower, batch, chunk_pairs, ratio, monkeypatch):
-    import cascade.stages.twotower as tt
-
-    monkeypatch.setattr(tt, "SCORE_CHUNK_PAIRS", chunk_pairs)
-    monkeypatch.setattr(tt, "FULL_PRODUCT_RATIO", ratio)
+def test_twotower_cached_item_vectors_equal_recomputation(twotower, batch):
     cand = torch.randint(0, twotower.item_vecs_.shape[0], (len(batch), 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fresh = twotower.model_(batch, cand)  # runs the item tower again

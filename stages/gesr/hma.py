@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade.stages.features import take_rows
+from cascade.stages.gather import take_rows
 
 POSITIVE_CODE = 3  # RequestBatch.hist_actions: 0 pad, 1 negative, 2 neutral, 3 positive
 
@@ -103,7 +103,8 @@ def category_sets(cats: Tensor, n_categories: int) -> tuple[Tensor, Tensor]:
 
 def _bag_sum(ids: Tensor, table: Tensor) -> Tensor:
     """ids (*shape, P) -> (*shape, width): the sum of the P rows of `table`, one fused
-    `embedding_bag` (a gather then a sum over the short dim P cost ~3x: ml-100k, 64 requests)."""
+    `embedding_bag` (against a gather, then a sum over the short dim P: `history` of 64 ml-100k
+    requests 1.66 -> 0.98 ms, one thread)."""
     out = F.embedding_bag(ids.reshape(-1, ids.shape[-1]), table, mode="sum")
     return out.view(*ids.shape[:-1], table.shape[-1])
 

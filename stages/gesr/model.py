@@ -54,6 +54,7 @@ from cascade.data.traffic import RequestBatch
 from cascade.stages.features import (
     HistoryTokenEmbedder, ItemFeatureEmbedder, UserFeatureEmbedder, masked_mean, recent_history,
 )
+from cascade.stages.gather import dot_candidates
 from cascade.stages.gesr.config import GESRConfig
 from cascade.stages.gesr.cross import NROCrossAttention, ROCrossAttention, block_keys, block_values
 from cascade.stages.gesr.hma import HardMatchingAttention, naive_counts
@@ -63,11 +64,6 @@ from cascade.stages.gesr.state import TOKEN_FIELDS, ItemCache, RequestState, Sel
 # the cross-attention item projections (F tokens per item) are cached for the catalogue only
 # below this size; above it they are projected per batch (for the batch's distinct items)
 TOKEN_CACHE_LIMIT_BYTES = 512 << 20
-# serving: l0 as [u ; 1] times the whole catalogue's [tower ; bias] rows, then a gather of the
-# candidates' scores, when the catalogue has at most this many times the candidates per request;
-# else the candidates' rows are gathered. Toys (11,924 items, groups of 16 requests x 1,000
-# candidates, one thread): 0.35 ms against 1.1 ms for the gather of their 65 columns
-FULL_L0_RATIO = 32
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequential:
@@ -268,8 +264,7 @@ class GESRModel(nn.Module):
 
     def _primary_logit(self, u: Tensor, cand: Tensor, item: dict[str, Tensor]) -> Tensor:
         """l0 (B, n) of u (B, D) and the candidates: from the catalogue's [tower ; bias] rows
-        when cached (one product with the whole catalogue when it is small beside the
-        candidates, see `FULL_L0_RATIO`), else from `item`'s gathered fields."""
+        when cached (`gather.dot_candidates`), else from `item`'s gathered fields."""
         p = self.primary_cache
         if p is None:
             # u as the left factor: (B, 1, D) x (B, D, n) reads the candidates' tower columns in
@@ -277,11 +272,7 @@ class GESRModel(nn.Module):
             l0 = torch.matmul(u[:, None, :], item["tower"].transpose(1, 2))[:, 0]  # (B, n)
             return l0 + item["bias"][..., 0] + self.global_bias
         u1 = torch.cat([u, torch.ones_like(u[:, :1])], dim=-1)  # (B, D + 1)
-        if p.shape[0] <= FULL_L0_RATIO * cand.shape[1]:
-            l0 = torch.gather(u1 @ p.T, 1, cand)
-        else:
-            l0 = torch.matmul(u1[:, None, :], F.embedding(cand, p).transpose(1, 2))[:, 0]
-        return l0 + self.global_bias
+        return dot_candidates(u1, p, cand) + self.global_bias
 
     def _item_side(self, cand: Tensor) -> dict[str, Tensor]:
         """field -> (B, n, width) for every candidate: the catalogue cache's rows, or (training,

@@ -242,13 +242,9 @@ class GESRStage(LearnedStage):
         b, n = candidates.shape
         step = max(1, self.config.score_chunk_pairs // max(n, 1))
         scorer = self._scorer(model)
-        if b <= step:
-            return scorer(batch.trimmed(), candidates).float()
-        order = torch.argsort(batch.hist_len, stable=True)
         out = torch.empty(b, n, dtype=torch.float32, device=candidates.device)
-        for lo in range(0, b, step):
-            rows = order[lo : lo + step]
-            out[rows] = scorer(batch.select(rows).trimmed(), candidates[rows]).float()
+        for rows, group in batch.length_groups(step):
+            out[rows] = scorer(group, candidates[rows]).float()
         return out
 
     def _scorer(self, model: GESRModel) -> Callable[[RequestBatch, Tensor], Tensor]:

@@ -222,7 +222,8 @@ def bench_cpu(
     return rows
 
 
-def bench_gpu(shapes: list[dict], *, kinds, dtype, repeats: int, console: Console) -> tuple[list[dict], dict]:
+def bench_gpu(shapes: list[dict], *, kinds, dtype, repeats: int, console: Console,
+              compile: bool = True) -> tuple[list[dict], dict]:
     peak, peak_src = gpu_peak_gbps()
     info = {"peak_gbps": peak, "peak_source": peak_src, "copy_gbps": measured_copy_gbps()}
     rows = []
@@ -246,6 +247,8 @@ def bench_gpu(shapes: list[dict], *, kinds, dtype, repeats: int, console: Consol
                         q_h=x["q_h"] if mode == "full" else None, kind=kind, impl="torch",
                     ),
                 }
+                if not compile:
+                    del fns["torch.compile"]
                 if kind == "softmax":
                     fns["sdpa (explicit mask)"] = sdpa_fn(x, mode)
                 for impl, fn in fns.items():
@@ -354,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-repeats", type=int, default=None, help="timed repeats of the slow ref (default 1; quick: 3)")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="GPU dtype")
     ap.add_argument("--kinds", default="silu,softmax")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="GPU: leave out the torch.compile row (its compiles take minutes)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -379,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
         gpu_rows, gpu_info = bench_gpu(
-            gpu_shapes, kinds=kinds, dtype=getattr(torch, args.dtype), repeats=max(repeats, 20), console=console
+            gpu_shapes, kinds=kinds, dtype=getattr(torch, args.dtype), repeats=max(repeats, 20), console=console,
+            compile=not args.no_compile,
         )
         rows += gpu_rows
     elif args.device == "auto":

@@ -59,6 +59,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -77,7 +78,7 @@ from bench_indexes import DEFAULT_INDEXES, compare_indexes, index_table  # besid
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "bench_roofline.json"
-SHARED = ROOT.parent / "shared" / "datasets"
+SHARED = Path(os.environ.get("CASCADE_DATASETS") or ROOT.parent / "shared" / "datasets")  # env: elsewhere
 DATASETS = {"ml100k": str(SHARED / "ml-100k"),
             "toys": str(SHARED / "amazon-toys" / "Toys_and_Games.txt"),
             "large": None}  # --large-data
@@ -469,7 +470,8 @@ def main() -> None:
         "train_steps": args.steps,
         "bound": "FLOPs / matmul rate + bytes read / bandwidth + top-k alone (see the docstring)",
         "datasets": records,
-        "note": "a shared 2-core machine: other jobs may have run at the same time",
+        "note": ("a lent GPU machine: the stages on its GPU, FAISS on its CPU" if device.type == "cuda"
+                 else "a shared 2-core machine: other jobs may have run at the same time"),
     }
     atomic_write_bytes(args.out, json.dumps(record, indent=2).encode())
     console.print(f"wrote {args.out}")

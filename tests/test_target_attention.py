@@ -218,3 +218,30 @@ def test_compiled_kernel_equals_torch_path_on_gpu(shape, kind, dtype):
     t = tol(dtype) if dtype != torch.float32 else {"atol": 1e-4, "rtol": 1e-4}
     torch.testing.assert_close(got_c, want_c, **t)
     torch.testing.assert_close(got_h, want_h, **t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("mode", ["full", "cached"])
+@pytest.mark.parametrize("kind", ["silu", "softmax"])
+@pytest.mark.parametrize("lens_kind", ["empty", "mixed"])  # mixed: empty, full and partial rows
+@pytest.mark.parametrize("shape", SHAPES + [(5, 2, 70, 130, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_compiled_kernel_equals_ref_on_gpu(shape, lens_kind, kind, mode, dtype):
+    """The kernel compiled for the GPU against the per-candidate reference computed in float64
+    on the CPU (fp32 math) from the same inputs: relative error of the whole output, every element
+    finite and within the shared tolerances (CPU memory: no stale GPU result can pass for one)."""
+    q_c, k_c, v_c, q_h, k_h, v_h, hl = make_inputs(*shape, dtype, lens_kind, seed=7 + sum(shape), device="cuda")
+    q_h = q_h if mode == "full" else None
+    up = lambda t: None if t is None else t.cpu().float()  # noqa: E731
+    want_c, want_h = _ref(*(up(t) for t in (q_c, k_c, v_c, k_h, v_h)), hl.cpu(), q_h=up(q_h), kind=kind)
+    got_c, got_h = target_aware_attention(q_c, k_c, v_c, k_h, v_h, hl, q_h=q_h, kind=kind, impl="triton")
+    assert got_c.is_cuda and got_c.dtype == dtype and got_c.shape == q_c.shape
+    pairs = [(got_c, want_c)] + ([] if q_h is None else [(got_h, want_h)])
+    if q_h is None:
+        assert got_h is None
+    for got, want in pairs:
+        got = got.cpu().double()
+        assert torch.isfinite(got).all()
+        rel = (got - want.double()).norm() / want.double().norm().clamp_min(1e-12)
+        assert rel < (1e-3 if dtype == torch.float32 else 1e-2), f"relative error {rel:.2e}"
+        torch.testing.assert_close(got.to(dtype), want.to(dtype), **tol(dtype))

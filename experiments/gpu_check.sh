@@ -16,7 +16,10 @@
 #   4. experiments/bench_roofline.py --device cuda on ml-100k and Toys: every stage on the GPU
 #      (FAISS on the CPU) and the funnel's throughput with GESR / with the two-tower ESR;
 #   5. the same on Toys at batch 1024, and the attention benchmark with its torch.compile rows.
+# STEPS="bench_roofline bench_roofline_b1024" (say) runs only those steps (env always runs).
+# Python runs with -P: the repo root's own cascade/ folder must not shadow the laid-out package.
 set -u
+STEPS=${STEPS:-kernel_tests bench_attention bench_roofline bench_roofline_b1024 bench_attention_compile}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
@@ -26,6 +29,7 @@ START=$(date +%s)
 step() {  # step NAME SECONDS command...: run, log, report the exit status and the time taken
     local name=$1 limit=$2 t0 rc
     shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     t0=$(date +%s)
     echo "== $name (limit ${limit}s, at +$((t0 - START))s)" | tee -a "$LOG"
     timeout "$limit" "$@" >>"$LOG" 2>&1
@@ -42,7 +46,7 @@ export CASCADE_DATASETS="$PWD/.gpudata/datasets" CASCADE_ML100K="$PWD/.gpudata/d
 
 echo "== env" | tee -a "$LOG"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nproc
-  python3 - <<'PY'
+  python3 -P - <<'PY'
 import sys, torch, triton, faiss, polars, numpy
 import cascade.kernels.target_attention  # noqa: F401  the package as laid out above
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
@@ -53,19 +57,19 @@ PY
 } >>"$LOG" 2>&1
 tail -n 4 "$LOG"
 
-step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu \
+step kernel_tests 150 python3 -P -m pytest -q -p no:cacheprovider -n 8 -m gpu \
     tests/test_target_attention.py tests/test_hstu.py
 
-step bench_attention 150 python3 experiments/bench_attention.py --device cuda --no-compile \
+step bench_attention 150 python3 -P experiments/bench_attention.py --device cuda --no-compile \
     --out "$OUT/bench_attention_gpu.json"
 
-step bench_roofline 200 python3 experiments/bench_roofline.py --device cuda --datasets ml100k,toys \
+step bench_roofline 200 python3 -P experiments/bench_roofline.py --device cuda --datasets ml100k,toys \
     --indexes --out "$OUT/bench_roofline_gpu.json"
 
-step bench_roofline_b1024 120 python3 experiments/bench_roofline.py --device cuda --datasets toys \
+step bench_roofline_b1024 120 python3 -P experiments/bench_roofline.py --device cuda --datasets toys \
     --indexes --batch-size 1024 --out "$OUT/bench_roofline_gpu_b1024.json"  # ml-100k: 943 requests
 
-step bench_attention_compile 150 python3 experiments/bench_attention.py --device cuda \
+step bench_attention_compile 150 python3 -P experiments/bench_attention.py --device cuda \
     --out "$OUT/bench_attention_gpu_compile.json"
 
 echo "== total $(($(date +%s) - START))s"

@@ -261,7 +261,10 @@ class Encoded:
         return Encoded(state, self.user[rows], self.hist_items[rows], self.hist_actions[rows])
 
 
-SCORE_GROUP = 64  # serving: requests encoded together (`LateStageRanker.score`)
+SCORE_GROUP = 64  # serving on CPU: requests encoded together (`LateStageRanker.score`)
+# on a GPU, larger: each group costs the same kernel launches whatever its size, and those set
+# the time there (ml-100k, 256 x 60 in 4 groups: 34 ms per batch on an H200)
+SCORE_GROUP_GPU = 1024
 
 
 @register("lsr", "lsr")
@@ -374,14 +377,16 @@ class LateStageRanker(LearnedStage):
     def score(self, batch: RequestBatch, candidates: Tensor) -> Tensor:
         """candidates (B, K) int64 -> (B, K) float32; the history is encoded once per request and
         the candidates scored against it in chunks of `score_chunk`. Requests go in groups of
-        `SCORE_GROUP` of similar history length, each cut to its longest history, so the encoder
-        spans real events rather than the batch's padding (the same scores)."""
+        `SCORE_GROUP` (`SCORE_GROUP_GPU` on a GPU) of similar history length, each cut to its
+        longest history, so the encoder spans real events rather than the batch's padding (the
+        same scores)."""
         model = self.fitted_model()
         batch = recent_history(batch.to(self.device_), model.width)
         c = candidates.to(self.device_)
         out = torch.empty(c.shape, dtype=torch.float32, device=c.device)
         step = self.config.score_chunk
-        for rows, group in batch.length_groups(SCORE_GROUP):
+        size = SCORE_GROUP if c.device.type == "cpu" else SCORE_GROUP_GPU
+        for rows, group in batch.length_groups(size):
             enc, cr = model.encode(group), c[rows]
             out[rows] = torch.cat([model.score_with(enc, cr[:, s : s + step])
                                    for s in range(0, cr.shape[1], step)], dim=1).float()

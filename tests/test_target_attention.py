@@ -224,8 +224,8 @@ def test_compiled_kernel_equals_torch_path_on_gpu(shape, kind, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("mode", ["full", "cached"])
 @pytest.mark.parametrize("kind", ["silu", "softmax"])
-@pytest.mark.parametrize("lens_kind", ["empty", "mixed"])  # mixed: empty, full and partial rows
-@pytest.mark.parametrize("shape", SHAPES + [(5, 2, 70, 130, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("lens_kind", ["mixed"])  # empty, full and partial rows in one batch
+@pytest.mark.parametrize("shape", [(3, 2, 33, 17, 32), (5, 2, 70, 130, 64)], ids=lambda s: "x".join(map(str, s)))
 def test_compiled_kernel_equals_ref_on_gpu(shape, lens_kind, kind, mode, dtype):
     """The kernel compiled for the GPU against the per-candidate reference computed in float64
     on the CPU (fp32 math) from the same inputs: relative error of the whole output, every element

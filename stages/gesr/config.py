@@ -155,9 +155,13 @@ class GESRConfig:
     aux_weight: float = 0.5  # weight of the auxiliary BCE on the primary logit alone
     valid_negatives: int = 100  # negatives per validation request
     valid_requests: int = 2000  # validation requests used (evenly spaced subsample)
-    score_chunk_pairs: int = 16384  # serving: requests are scored in groups of about this many
-    #                                 (request, candidate) pairs, so the per-pair intermediates
-    #                                 stay in cache (on CPU ~2x faster than one huge call)
+    score_chunk_pairs: int = 16384  # serving on CPU: requests are scored in groups of about this
+    #                                 many (request, candidate) pairs, so the per-pair
+    #                                 intermediates stay in cache (~2x faster than one huge call)
+    # serving on a GPU: the same, larger. Each group costs the same few hundred kernel launches
+    # whatever its size, and those, not the arithmetic, set the time there: on an H200, Toys
+    # 256 x 1,000 in 16 groups of 16,384 pairs took 132 ms per batch (experiments/gpu_check.sh)
+    score_chunk_pairs_gpu: int = 1 << 18
     # serving: compile the scoring path with torch.compile (Inductor), as the paper's serving
     # does. The first scoring call of a process compiles, then every call runs fused kernels.
     # Toys, full model, one CPU thread, one process (commit 809162b, AVX-512 machine): 236 ->
@@ -186,7 +190,8 @@ class GESRConfig:
         object.__setattr__(self, "pretrain", pre)
         for name in ("dim", "hidden", "moa_dim", "n_heads", "cross_heads", "hma_dim",
                      "logit_hidden", "recent",
-                     "n_negatives", "valid_negatives", "valid_requests", "score_chunk_pairs"):
+                     "n_negatives", "valid_negatives", "valid_requests", "score_chunk_pairs",
+                     "score_chunk_pairs_gpu"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GESRConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_layers < 1:

@@ -21,7 +21,8 @@ Serving: `score` encodes each request once and scores all its candidates in one 
 against the catalogue cache (item-tower outputs, MLPG item gates, candidate tokens,
 cross-attention item projections, HMA's item -> category table), built once after `fit`. A
 large replay batch is processed in groups of requests of about `score_chunk_pairs` (request,
-candidate) pairs, so per-pair intermediates stay in cache. With `compile=True` that call goes
+candidate) pairs, so per-pair intermediates stay in cache (on a GPU `score_chunk_pairs_gpu`,
+larger, because there each group's kernel launches, not its arithmetic, set the time). With `compile=True` that call goes
 through `torch.compile` (dynamic shapes, so the smaller last group does not recompile); if
 compilation fails (no C++ compiler, say) scoring says so once on stderr and stays eager.
 With `quantize="int8"` (CPU only) the linear layers at least 32 wide are quantized to dynamic
@@ -125,7 +126,7 @@ class GESRStage(LearnedStage):
     name = "gesr"
     kind = "esr"
     config_class = GESRConfig
-    serving_fields = ("compile", "score_chunk_pairs", "quantize")
+    serving_fields = ("compile", "score_chunk_pairs", "score_chunk_pairs_gpu", "quantize")
     cache_name = f"esr-gesr-{MODEL_VERSION}"
     candidate_independent = True  # the target mask: candidates never see each other
     # linear layers whose weights the serving path reads as tensors (NRO folds `out` into its
@@ -240,7 +241,9 @@ class GESRStage(LearnedStage):
         padding contributes nothing, so the scores are the same)."""
         model = self.fitted_model()
         b, n = candidates.shape
-        step = max(1, self.config.score_chunk_pairs // max(n, 1))
+        cfg = self.config
+        pairs = cfg.score_chunk_pairs if candidates.device.type == "cpu" else cfg.score_chunk_pairs_gpu
+        step = max(1, pairs // max(n, 1))
         scorer = self._scorer(model)
         out = torch.empty(b, n, dtype=torch.float32, device=candidates.device)
         for rows, group in batch.length_groups(step):

@@ -570,8 +570,11 @@ def test_item_embedder_pools_multi_valued_features_and_dedups(ctx):
     assert ids.numel() > 2048  # the distinct-ids path
     torch.testing.assert_close(emb(ids), emb._embed(ids))
     assert ids.numel() >= 4 * ds.n_items
-    with torch.no_grad():  # the whole-catalogue path (serving, at least as many ids as items)
+    emb.eval()
+    with torch.no_grad():  # serving: rows of the cached catalogue table
         torch.testing.assert_close(emb(ids), emb._embed(ids))
+        torch.testing.assert_close(emb(ids[:1, :3]), emb._embed(ids[:1, :3]))  # a small call too
+    emb.train()
     # the genres part is the mean over non-zero codes
     item = int(np.flatnonzero(ds.items.multi["genres"][:, 1] > 0)[0])
     codes = ds.items.multi["genres"][item]
@@ -579,6 +582,41 @@ def test_item_embedder_pools_multi_valued_features_and_dedups(ctx):
     torch.testing.assert_close(tok[2], emb.multi_embs[0].weight[torch.as_tensor(codes)].mean(0))
     concat = ItemFeatureEmbedder(ds.items, ds.n_items, 8, combine="concat")
     assert concat(ids[:2]).shape == (2, 60, 8)
+
+
+def test_item_embedder_serving_cache_follows_the_weights(ctx, monkeypatch):
+    import copy
+    import pickle
+
+    import cascade.stages.features as features
+
+    ds = ctx.dataset
+    emb = ItemFeatureEmbedder(ds.items, ds.n_items, 8).eval()
+    ids = torch.randint(0, ds.n_items, (4, 7), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        first = emb(ids)
+    table = emb.catalogue()
+    assert emb.catalogue() is table  # computed once
+    assert not any("catalogue" in k for k in emb.state_dict())
+    with torch.no_grad():  # an in-place change of the weights (an optimiser step, say)
+        emb.id_emb.weight.add_(1.0)
+    assert emb.catalogue() is not table
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), first + 1.0)
+    other = ItemFeatureEmbedder(ds.items, ds.n_items, 8).eval()
+    other.load_state_dict(emb.state_dict())
+    other.catalogue()
+    other.load_state_dict(ItemFeatureEmbedder(ds.items, ds.n_items, 8).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids), other._embed(ids))
+    assert "_catalogue" not in copy.deepcopy(emb).__dict__
+    assert "_catalogue" not in pickle.loads(pickle.dumps(emb)).__dict__
+    emb.train()  # training reads the weights directly
+    torch.testing.assert_close(emb(ids), emb._embed(ids))
+    monkeypatch.setattr(features, "CATALOGUE_CACHE_BYTES", 8)  # too large to cache: embedded per call
+    assert emb.eval().catalogue() is None
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), emb._embed(ids))
 
 
 def test_user_and_history_embedders(ctx, batch):

@@ -14,9 +14,8 @@
 rows a batch touches).
 
 Training-data helpers used by several stages: `recent_history` (cut histories), `subsample`
-(cheap validation), `sequence_windows` (SASRec-style all-positions training), `NegativeSampler`
-(uniform + popularity negatives with the sampled-softmax logQ correction) and
-`shared_negative_softmax` (in-batch + uniform negatives with the logQ correction).
+(cheap validation) and `sequence_windows` (SASRec-style all-positions training); the negative
+samplers and the sampled-softmax loss are in `cascade.stages.negatives`.
 
 Code 0 is "unknown" for categorical features and "padding" for multi-valued ones (see
 `cascade.data.dataset`), so every table uses `padding_idx=0`: unknown values contribute nothing.
@@ -25,7 +24,7 @@ Code 0 is "unknown" for categorical features and "padding" for multi-valued ones
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -257,6 +256,30 @@ class HistoryTokenEmbedder(nn.Module):
     def forward(self, batch: RequestBatch) -> Tensor:
         return self.embed(batch.hist_items, batch.hist_actions, batch.hist_gaps, batch.hist_len)
 
+    def masked_means(self, batch: RequestBatch, masks: list[Tensor]) -> list[Tensor]:
+        """`[masked_mean(self(batch), m) for m in masks]` for (B, N) masks within the history,
+        without the (B, N, dim) tokens outside autograd: the tokens are sums of table rows, so
+        each mean is a weighted sum of rows, one `embedding_bag` per table for all the masks
+        (ml-100k, 256 x 50 ids, two masks: the tokens, their sum and two products wrote and
+        re-read ~30 MB)."""
+        table = None if self.training or torch.is_grad_enabled() else self.items.catalogue()
+        if table is None:
+            tok = self(batch)
+            return [masked_mean(tok, m) for m in masks]
+        w = torch.cat([m.to(table.dtype) for m in masks])  # (M B, N)
+        w = w / w.sum(1, keepdim=True).clamp_min(1.0)
+        k = len(masks)
+        ag_table = (self.action_emb.weight[:, None] + self.gap_emb.weight[None, :]).flatten(0, 1)
+        ag = (batch.hist_actions * N_GAP_BUCKETS + batch.hist_gaps).repeat(k, 1)
+        out = (F.embedding_bag(batch.hist_items.repeat(k, 1), table, per_sample_weights=w, mode="sum")
+               + F.embedding_bag(ag, ag_table, per_sample_weights=w, mode="sum"))
+        if self.pos_emb is not None:
+            ar = torch.arange(batch.hist_items.shape[1], device=w.device)[None, :]
+            recency = (batch.hist_len[:, None] - 1 - ar).clamp(0, self.pos_emb.num_embeddings - 1)
+            out = out + F.embedding_bag(recency.repeat(k, 1), self.pos_emb.weight, per_sample_weights=w,
+                                        mode="sum")
+        return list(out.split(len(batch)))
+
 
 def id_embedding_tables(model: nn.Module, n_items: int, n_users: int) -> list[nn.Embedding]:
     """The model's id embedding tables: `nn.Embedding`s with one row per item or per user (plus
@@ -374,85 +397,6 @@ def _rows(traffic: Traffic, idx: np.ndarray) -> Traffic:
         }
     )
     return Traffic(traffic.dataset, table, max_len=traffic.max_len)
-
-
-class NegativeSampler:
-    """Mixed negative sampling: a share `pop_frac` of the negatives is drawn in proportion to
-    item popularity ** `power` (hard negatives: items the user plausibly saw but did not pick),
-    the rest uniformly. `log_q` is the log of the expected number of times an item is drawn, the
-    correction sampled softmax subtracts from each sampled logit (Bengio & Senecal 2008)."""
-
-    def __init__(
-        self, counts: np.ndarray, *, pop_frac: float = 0.0, power: float = 0.75,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        if not 0.0 <= pop_frac <= 1.0:
-            raise ValueError(f"pop_frac must be in [0, 1], got {pop_frac}")
-        self.n_items = int(len(counts))
-        self.pop_frac = pop_frac
-        w = np.asarray(counts, dtype=np.float64) ** power
-        if w.sum() <= 0:  # no popularity information: fall back to uniform
-            w = np.ones(self.n_items)
-        self.probs = torch.as_tensor(w / w.sum(), dtype=torch.float32)  # on CPU for multinomial
-        self.device = torch.device(device)
-        self._probs_dev = self.probs.to(self.device)
-
-    def split(self, n_neg: int) -> tuple[int, int]:
-        n_pop = int(round(n_neg * self.pop_frac))
-        return n_pop, n_neg - n_pop
-
-    def sample(self, n_rows: int, n_neg: int, gen: torch.Generator) -> Tensor:
-        """(n_rows, n_neg) int64 item ids on the device (may hit the positive: mask it)."""
-        n_pop, n_uni = self.split(n_neg)
-        parts = []
-        if n_pop:
-            parts.append(
-                torch.multinomial(self.probs, n_rows * n_pop, replacement=True, generator=gen)
-                .view(n_rows, n_pop)
-            )
-        if n_uni:
-            parts.append(torch.randint(0, self.n_items, (n_rows, n_uni), generator=gen))
-        return torch.cat(parts, 1).to(self.device)
-
-    def log_q(self, ids: Tensor, n_neg: int) -> Tensor:
-        """log(expected draws of each id among n_neg negatives), same shape as ids."""
-        n_pop, n_uni = self.split(n_neg)
-        return torch.log(n_pop * self._probs_dev[ids] + n_uni / self.n_items)
-
-
-def shared_negative_softmax(
-    query: Tensor,
-    pos: Tensor,
-    key: Callable[[Tensor], Tensor],
-    freq: Tensor,
-    gen: torch.Generator,
-    *,
-    n_in_batch: int,
-    n_uniform: int,
-    inv_temp: float,
-) -> Tensor:
-    """Sampled softmax of each query's positive against one set of negatives shared by all rows:
-    `n_in_batch` drawn from the rows' own positives (in-batch negatives, i.e. by training
-    frequency) plus `n_uniform` uniform items. Each logit is corrected by log Q(j) = log of the
-    expected number of draws of j, S*f_j + M/n_items (Yi et al., RecSys 2019, made exact for the
-    mixture). query (P, D) and key(ids) -> (*, D) are compared by inner product * inv_temp;
-    freq (n_items,) is the empirical target frequency. A negative equal to a row's positive is
-    masked. Returns the mean cross-entropy."""
-    n_items = freq.shape[0]
-    dev = query.device
-    s_in = min(n_in_batch, pos.shape[0])
-    inb = pos[torch.randint(0, pos.shape[0], (s_in,), generator=gen).to(dev)]
-    uni = torch.randint(0, n_items, (n_uniform,), generator=gen).to(dev)
-    cols = torch.cat([inb, uni])  # (S + M,)
-
-    def log_q(ids: Tensor) -> Tensor:
-        return torch.log(s_in * freq[ids] + n_uniform / n_items)
-
-    pos_logit = inv_temp * (query * key(pos)).sum(-1) - log_q(pos)  # (P,)
-    neg_logit = inv_temp * query @ key(cols).T - log_q(cols)[None, :]  # (P, S + M)
-    neg_logit = neg_logit.masked_fill(pos[:, None] == cols[None, :], -math.inf)
-    logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(pos))
 
 
 class MatchCounter(nn.Module):

@@ -65,15 +65,14 @@ from cascade.stages.features import (
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
     MatchCounter,
-    NegativeSampler,
     UserFeatureEmbedder,
     catalogue_valid_requests,
     mean_batch_events,
     recent_history,
     sequence_windows,
-    shared_negative_softmax,
     subsample,
 )
+from cascade.stages.negatives import NegativeSampler, shared_negative_softmax
 from cascade.stages.gather import dot_candidates
 from cascade.stages.learned import LearnedStage
 from cascade.stages.dcn import CrossNetwork

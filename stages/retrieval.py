@@ -62,10 +62,10 @@ from cascade.stages.features import (
     mean_batch_events,
     recent_history,
     sequence_windows,
-    shared_negative_softmax,
     catalogue_valid_requests,
     subsample,
 )
+from cascade.stages.negatives import shared_negative_softmax
 from cascade.stages.learned import LearnedStage
 from cascade.stages.training import TrainConfig, fit_model
 

@@ -12,7 +12,7 @@ dot product, so the item side is computed once and cached.
   once over the catalogue into an (n_items, D + 1) tensor on the device, so `score` is one gather
   and a batched dot product.
 - training: a sampled softmax of the logged positive against negatives shared by the batch
-  (in-batch and uniform, logQ-corrected: `features.shared_negative_softmax`), or (`loss="bce"`)
+  (in-batch and uniform, logQ-corrected: `negatives.shared_negative_softmax`), or (`loss="bce"`)
   pointwise log loss against `n_negatives` sampled items per request (uniform plus a share drawn
   by popularity); in batches of requests of similar history length
   (`TrainConfig.length_batches`); early stopping on `sampled_mrr`.
@@ -32,13 +32,11 @@ from cascade.stages.base import FitContext, register
 from cascade.stages.features import (
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
-    NegativeSampler,
     UserFeatureEmbedder,
-    masked_mean,
     recent_history,
-    shared_negative_softmax,
     subsample,
 )
+from cascade.stages.negatives import NegativeSampler, shared_negative_softmax
 from cascade.stages.gather import dot_candidates
 from cascade.stages.learned import LearnedStage
 from cascade.stages.training import TrainConfig, fit_model, sampled_mrr
@@ -115,13 +113,11 @@ class TwoTowerModel(nn.Module):
     def user(self, batch: RequestBatch) -> Tensor:
         """(B,) requests -> (B, D)."""
         batch = recent_history(batch, self.max_len)
-        tok = self.history(batch)  # (B, N, D), 0 at padding
-        ar = torch.arange(tok.shape[1], device=tok.device)[None, :]
+        ar = torch.arange(batch.hist_items.shape[1], device=batch.hist_items.device)[None, :]
         mask = batch.hist_mask
         newest = mask & (ar >= (batch.hist_len[:, None] - self.recent))
-        x = torch.cat(
-            [self.user_feats(batch.user_feats), masked_mean(tok, mask), masked_mean(tok, newest)], -1
-        )
+        means = self.history.masked_means(batch, [mask, newest])
+        x = torch.cat([self.user_feats(batch.user_feats), *means], -1)
         return self.user_tower(x)
 
     def item(self, ids: Tensor) -> Tensor:

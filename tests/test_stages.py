@@ -17,12 +17,13 @@ from cascade.stages.base import NotFittedError, StageError, resolve_stage_class
 from cascade.stages.features import (
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
-    NegativeSampler,
     UserFeatureEmbedder,
+    masked_mean,
     recent_history,
     sequence_windows,
 )
 from cascade.stages.lsr import LateStageRanker, LSRConfig, rerank_ndcg
+from cascade.stages.negatives import NegativeSampler
 from cascade.stages.popular import PopularRanker, PopularRetriever
 from cascade.stages.retrieval import (
     FAISS_BLAS_MIN_QUERIES, RetrievalConfig, TwoTowerRetriever, build_index, index_search,
@@ -632,6 +633,25 @@ def test_user_and_history_embedders(ctx, batch):
     x = hist(batch)
     assert x.shape == (*batch.hist_items.shape, 8)
     assert (x[~batch.hist_mask] == 0).all() and (x[batch.hist_mask].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("max_len", [None, 20])
+def test_history_masked_means_by_bags_equal_the_token_path(ctx, batch, max_len):
+    hist = HistoryTokenEmbedder(ItemFeatureEmbedder(ctx.dataset.items, 120, 8), max_len=max_len)
+    ar = torch.arange(batch.hist_items.shape[1])[None, :]
+    newest = batch.hist_mask & (ar >= batch.hist_len[:, None] - 3)
+    masks = [batch.hist_mask, newest, torch.zeros_like(newest)]  # the last: no events, mean 0
+    want = [masked_mean(hist(batch), m) for m in masks]
+    got_train = hist.masked_means(batch, masks)  # training: the tokens themselves
+    hist.eval()
+    with torch.no_grad():  # serving: weighted bags of table rows
+        got = hist.masked_means(batch, masks)
+    for g, gt, w in zip(got, got_train, want):
+        assert g.shape == (len(batch), 8)
+        torch.testing.assert_close(gt, w)
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    assert (got[2] == 0).all() and got[0].abs().sum() > 0
+    assert not torch.allclose(got[0], got[1])  # the two masks pool different events
 
 
 def test_negative_sampler_mixture_and_log_q():

@@ -7,7 +7,7 @@ where the cross features (category match counts, recency, repeats) matter. So GE
 three kinds of negatives per request [ours]:
 
 - uniform over the catalogue;
-- by popularity ** 0.75 (`cascade.stages.features.NegativeSampler`);
+- by popularity ** 0.75 (`cascade.stages.negatives.NegativeSampler`);
 - interest-matched: pick one of the request's history events at random, one of that item's
   categories (`dataset.category_feature`) at random, then an item of that category uniformly.
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from cascade.data.traffic import RequestBatch
-from cascade.stages.features import NegativeSampler
+from cascade.stages.negatives import NegativeSampler
 
 
 class InterestSampler:

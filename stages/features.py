@@ -262,16 +262,19 @@ class HistoryTokenEmbedder(nn.Module):
         each mean is a weighted sum of rows, one `embedding_bag` per table for all the masks
         (ml-100k, 256 x 50 ids, two masks: the tokens, their sum and two products wrote and
         re-read ~30 MB)."""
-        table = None if self.training or torch.is_grad_enabled() else self.items.catalogue()
-        if table is None:
+        if self.training or torch.is_grad_enabled():
             tok = self(batch)
             return [masked_mean(tok, m) for m in masks]
+        items, table = batch.hist_items, self.items.catalogue()
+        if table is None:  # a catalogue too large to cache: this call's distinct items
+            uniq, items = torch.unique(items, return_inverse=True)
+            table = self.items._embed(uniq)
         w = torch.cat([m.to(table.dtype) for m in masks])  # (M B, N)
         w = w / w.sum(1, keepdim=True).clamp_min(1.0)
         k = len(masks)
         ag_table = (self.action_emb.weight[:, None] + self.gap_emb.weight[None, :]).flatten(0, 1)
         ag = (batch.hist_actions * N_GAP_BUCKETS + batch.hist_gaps).repeat(k, 1)
-        out = (F.embedding_bag(batch.hist_items.repeat(k, 1), table, per_sample_weights=w, mode="sum")
+        out = (F.embedding_bag(items.repeat(k, 1), table, per_sample_weights=w, mode="sum")
                + F.embedding_bag(ag, ag_table, per_sample_weights=w, mode="sum"))
         if self.pos_emb is not None:
             ar = torch.arange(batch.hist_items.shape[1], device=w.device)[None, :]

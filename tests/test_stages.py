@@ -636,7 +636,12 @@ def test_user_and_history_embedders(ctx, batch):
 
 
 @pytest.mark.parametrize("max_len", [None, 20])
-def test_history_masked_means_by_bags_equal_the_token_path(ctx, batch, max_len):
+@pytest.mark.parametrize("cached", [True, False], ids=["catalogue", "distinct-items"])
+def test_history_masked_means_by_bags_equal_the_token_path(ctx, batch, max_len, cached, monkeypatch):
+    import cascade.stages.features as features
+
+    if not cached:  # a catalogue too large to cache: the bags run over the call's distinct items
+        monkeypatch.setattr(features, "CATALOGUE_CACHE_BYTES", 8)
     hist = HistoryTokenEmbedder(ItemFeatureEmbedder(ctx.dataset.items, 120, 8), max_len=max_len)
     ar = torch.arange(batch.hist_items.shape[1])[None, :]
     newest = batch.hist_mask & (ar >= batch.hist_len[:, None] - 3)

@@ -223,7 +223,7 @@ def bench_cpu(
 
 
 def bench_gpu(shapes: list[dict], *, kinds, dtype, repeats: int, console: Console,
-              compile: bool = True) -> tuple[list[dict], dict]:
+              with_compile: bool = True) -> tuple[list[dict], dict]:
     peak, peak_src = gpu_peak_gbps()
     info = {"peak_gbps": peak, "peak_source": peak_src, "copy_gbps": measured_copy_gbps()}
     rows = []
@@ -237,18 +237,17 @@ def bench_gpu(shapes: list[dict], *, kinds, dtype, repeats: int, console: Consol
                     ta = call(x, impl="triton", kind=kind, mode=mode)
                     tb = call(x, impl="torch", kind=kind, mode=mode)
                 err = max((a - b).abs().max().item() for a, b in zip(ta, tb) if a is not None)
-                # a fresh compiled function per case: no recompile limit, no stale guards
-                compiled = torch.compile(lambda *a, **k: target_aware_attention(*a, **k), dynamic=False)
                 fns = {
                     "triton": lambda: call(x, impl="triton", kind=kind, mode=mode),
                     "torch": lambda: call(x, impl="torch", kind=kind, mode=mode),
-                    "torch.compile": lambda: compiled(
+                }
+                if with_compile:
+                    # a fresh compiled function per case: no recompile limit, no stale guards
+                    compiled = torch.compile(lambda *a, **k: target_aware_attention(*a, **k), dynamic=False)
+                    fns["torch.compile"] = lambda: compiled(
                         x["q_c"], x["k_c"], x["v_c"], x["k_h"], x["v_h"], x["hist_len"],
                         q_h=x["q_h"] if mode == "full" else None, kind=kind, impl="torch",
-                    ),
-                }
-                if not compile:
-                    del fns["torch.compile"]
+                    )
                 if kind == "softmax":
                     fns["sdpa (explicit mask)"] = sdpa_fn(x, mode)
                 for impl, fn in fns.items():
@@ -385,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
         gpu_rows, gpu_info = bench_gpu(
             gpu_shapes, kinds=kinds, dtype=getattr(torch, args.dtype), repeats=max(repeats, 20), console=console,
-            compile=not args.no_compile,
+            with_compile=not args.no_compile,
         )
         rows += gpu_rows
     elif args.device == "auto":

@@ -4,8 +4,10 @@ on ml-100k, the Amazon Toys file and a 1M-item synthetic catalogue, at the defau
 The funnel (two-tower FAISS `Flat` retrieval, the GESR and two-tower ESRs, the LSR) is fitted
 through `cascade.session.fit_funnel` with a few training steps per stage (this measures speed,
 not quality) into a checkpoint cache under /tmp, so a rerun skips training. Then, on the first
-`--batches` full test batches (`funnel.prepared.test.batches(B)`), after one untimed warm-up
-batch, each stage is timed as the pipeline calls it (`cascade.pipeline.Pipeline`):
+`--batches` full test batches (`funnel.prepared.test.batches(B)`), after an untimed pass over
+the same batches (lazy initialisation, allocator growth and, on a GPU, the Triton kernel's
+autotuning for each new shape bucket), each stage is timed as the pipeline calls it
+(`cascade.pipeline.Pipeline`):
 - retrieval: `retriever.retrieve(batch, k_retrieval)` (user tower, FAISS search, exclude-seen);
 - each ESR: `esr.score(batch, retrieved)` plus the pipeline's top-k_esr selection;
 - the LSR: `lsr.score(batch, esr_selection)` plus the top-k_final selection, on each ESR's output.
@@ -50,7 +52,10 @@ through the stage's own `retrieve`, with build time, size and recall@K against F
 
 Prints a rich table per data set and writes JSON (atomically) with the machine, versions, the
 measured GFLOP/s and GB/s, the exact shapes, every term and the index comparison (per data set,
-key `indexes`) to experiments/results/bench_roofline.json (or --out).
+key `indexes`) to experiments/results/bench_roofline.json (or --out). The data sets are read
+from ../shared/datasets, or from the folder the environment variable CASCADE_DATASETS names
+(`experiments/gpu_check.sh` sets it on a GPU machine). `--device cuda` runs the stages on the
+GPU (FAISS stays on the CPU).
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ from bench_indexes import DEFAULT_INDEXES, compare_indexes, index_table  # besid
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "bench_roofline.json"
-SHARED = Path(os.environ.get("CASCADE_DATASETS") or ROOT.parent / "shared" / "datasets")  # env: elsewhere
+SHARED = Path(os.environ.get("CASCADE_DATASETS") or ROOT.parent / "shared" / "datasets")
 DATASETS = {"ml100k": str(SHARED / "ml-100k"),
             "toys": str(SHARED / "amazon-toys" / "Toys_and_Games.txt"),
             "large": None}  # --large-data

@@ -142,21 +142,29 @@ class ItemFeatureEmbedder(nn.Module):
         return self._embed(ids)
 
     def catalogue(self) -> Tensor | None:
-        """(n_items, dim) every item's embedding, computed once per state of the weights (their
-        storage and in-place version counters: an optimiser step, `load_state_dict` or `.to()`
-        recompute it) and kept outside the state dict; None when the table would exceed
-        `CATALOGUE_CACHE_BYTES`. Serving reads rows of it instead of re-embedding each id: 256 x
-        50 history ids of ml-100k's 1,682 items 0.81 -> 0.22 ms when the table was recomputed per
-        call, and on Toys' 11,924 items the sort of the ids that deduplication needs goes too."""
-        if self.n_items * self.dim * 4 > CATALOGUE_CACHE_BYTES:
+        """(n_items, dim) every item's embedding for serving, kept outside the state dict and
+        computed again after `train()` (so whatever training does to the weights) and whenever
+        the weights' storage or in-place version counters changed (`load_state_dict`, `.to()`,
+        an in-place edit in eval mode); None when the table would exceed `CATALOGUE_CACHE_BYTES`
+        or the weights are inference tensors (no version counters). Serving reads rows of it
+        instead of re-embedding each id: 256 x 50 history ids of ml-100k's 1,682 items 0.81 ->
+        0.22 ms when the table was recomputed per call, and on Toys' 11,924 items the sort of
+        the ids that deduplication needs goes too."""
+        tensors = (*self.parameters(), *self.buffers())
+        if self.n_items * self.dim * 4 > CATALOGUE_CACHE_BYTES or any(t.is_inference() for t in tensors):
             return None
-        state = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        state = tuple((t.data_ptr(), t._version) for t in tensors)
         cached = self.__dict__.get("_catalogue")
         if cached is None or cached[0] != state:
-            with torch.no_grad():
-                table = self._embed(torch.arange(self.n_items, device=self.cat_codes.device))
+            device = self.cat_codes.device
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                table = self._embed(torch.arange(self.n_items, device=device))
             self.__dict__["_catalogue"] = cached = (state, table)
         return cached[1]
+
+    def train(self, mode: bool = True) -> "ItemFeatureEmbedder":
+        self.__dict__.pop("_catalogue", None)  # an optimiser may change weights unversioned
+        return super().train(mode)
 
     def __getstate__(self) -> dict:  # pickles and deep copies leave the serving cache behind
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -257,7 +265,7 @@ class HistoryTokenEmbedder(nn.Module):
         return self.embed(batch.hist_items, batch.hist_actions, batch.hist_gaps, batch.hist_len)
 
     def masked_means(self, batch: RequestBatch, masks: list[Tensor]) -> list[Tensor]:
-        """`[masked_mean(self(batch), m) for m in masks]` for (B, N) masks within the history,
+        """`[masked_mean(self(batch), m) for m in masks]` for any (B, N) bool masks,
         without the (B, N, dim) tokens outside autograd: the tokens are sums of table rows, so
         each mean is a weighted sum of rows, one `embedding_bag` per table for all the masks
         (ml-100k, 256 x 50 ids, two masks: the tokens, their sum and two products wrote and
@@ -271,6 +279,7 @@ class HistoryTokenEmbedder(nn.Module):
             table = self.items._embed(uniq)
         w = torch.cat([m.to(table.dtype) for m in masks])  # (M B, N)
         w = w / w.sum(1, keepdim=True).clamp_min(1.0)
+        w = w * batch.hist_mask.repeat(len(masks), 1)  # padding tokens are zero: weight 0, counted
         k = len(masks)
         ag_table = (self.action_emb.weight[:, None] + self.gap_emb.weight[None, :]).flatten(0, 1)
         ag = (batch.hist_actions * N_GAP_BUCKETS + batch.hist_gaps).repeat(k, 1)

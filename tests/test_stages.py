@@ -612,8 +612,15 @@ def test_item_embedder_serving_cache_follows_the_weights(ctx, monkeypatch):
         torch.testing.assert_close(other(ids), other._embed(ids))
     assert "_catalogue" not in copy.deepcopy(emb).__dict__
     assert "_catalogue" not in pickle.loads(pickle.dumps(emb)).__dict__
-    emb.train()  # training reads the weights directly
-    torch.testing.assert_close(emb(ids), emb._embed(ids))
+    emb.train()  # training reads the weights directly, and drops the table
+    assert "_catalogue" not in emb.__dict__
+    with torch.no_grad():
+        emb.id_emb.weight.data.add_(1.0)  # an update no version counter sees
+    torch.testing.assert_close(emb(ids), first + 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(emb.eval()(ids), first + 2.0)
+    with torch.inference_mode():  # weights made in inference mode have no version counters
+        assert copy.deepcopy(emb).to(torch.float64).catalogue() is None
     monkeypatch.setattr(features, "CATALOGUE_CACHE_BYTES", 8)  # too large to cache: embedded per call
     assert emb.eval().catalogue() is None
     with torch.no_grad():
@@ -645,18 +652,19 @@ def test_history_masked_means_by_bags_equal_the_token_path(ctx, batch, max_len, 
     hist = HistoryTokenEmbedder(ItemFeatureEmbedder(ctx.dataset.items, 120, 8), max_len=max_len)
     ar = torch.arange(batch.hist_items.shape[1])[None, :]
     newest = batch.hist_mask & (ar >= batch.hist_len[:, None] - 3)
-    masks = [batch.hist_mask, newest, torch.zeros_like(newest)]  # the last: no events, mean 0
+    # the last two: no events (mean 0), and every position, padding too (counted, adds nothing)
+    masks = [batch.hist_mask, newest, torch.zeros_like(newest), torch.ones_like(newest)]
+    assert (~batch.hist_mask).any()
     want = [masked_mean(hist(batch), m) for m in masks]
-    got_train = hist.masked_means(batch, masks)  # training: the tokens themselves
     hist.eval()
+    assert (hist.items.catalogue() is not None) == cached
     with torch.no_grad():  # serving: weighted bags of table rows
         got = hist.masked_means(batch, masks)
-    for g, gt, w in zip(got, got_train, want):
+    for g, w in zip(got, want):
         assert g.shape == (len(batch), 8)
-        torch.testing.assert_close(gt, w)
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
     assert (got[2] == 0).all() and got[0].abs().sum() > 0
-    assert not torch.allclose(got[0], got[1])  # the two masks pool different events
+    assert not torch.allclose(got[0], got[1]) and not torch.allclose(got[0], got[3])
 
 
 def test_negative_sampler_mixture_and_log_q():
@@ -784,6 +792,35 @@ def test_full_catalogue_validation_uses_fewer_requests_only_on_huge_catalogues()
     assert catalogue_valid_requests(2000, 1_000_000) == 200
     assert catalogue_valid_requests(2000, 10**8) == 200
     assert catalogue_valid_requests(50, 10**8) == 50  # never more than asked
+
+
+def test_lsr_dropout_search_keeps_the_best_validating_rate_deterministically(ctx):
+    """Each rate is pretrained from the same initial weights; the best-validating one is kept
+    with its weights, so the fit equals a fit at that rate alone, and repeats under a seed."""
+    short = TrainConfig(epochs=2, batch_size=64, lr=3e-3, max_steps_per_epoch=4)
+    cfg = replace(LSR, dropout=0.0, dropout_search=(0.9, 0.0), pretrain=short,
+                  train=replace(LSR.train, epochs=1, max_steps_per_epoch=2))
+    assert cfg.dropout_rates() == (0.0, 0.9)
+    fresh = replace(ctx, cache_dir=None)
+    a, b = LateStageRanker(cfg).fit(fresh), LateStageRanker(cfg).fit(fresh)
+    pre = a.fit_report_["pretrain"]
+    tried = {t["dropout"]: t["best_valid"] for t in pre["search"]}
+    assert list(tried) == [0.0, 0.9] and pre["dropout"] == max(tried, key=tried.get)
+    assert tried[0.0] != tried[0.9]  # the rates trained differently
+    timeless = lambda rows: [{k: v for k, v in t.items() if k != "seconds"} for t in rows]  # noqa: E731
+    assert timeless(b.fit_report_["pretrain"]["search"]) == timeless(pre["search"])
+    alone = LateStageRanker(replace(cfg, dropout=pre["dropout"], dropout_search=())).fit(fresh)
+    assert "search" not in alone.fit_report_["pretrain"]
+    assert {m.p for m in a.model_.modules() if isinstance(m, torch.nn.Dropout)} == {pre["dropout"]}
+    for name, w in a.model_.state_dict().items():
+        assert torch.equal(w, b.model_.state_dict()[name]), name
+        assert torch.equal(w, alone.model_.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("rates, message", [((1.0,), r"\[0, 1\)"), ((0.5, 0.5), "repeats"), (("x",), "x")])
+def test_lsr_dropout_search_refuses_bad_rates(rates, message):
+    with pytest.raises(ValueError, match=message):
+        LSRConfig(dropout_search=rates)
 
 
 def test_lsr_pretraining_trains_the_generative_head_and_early_stops_on_its_ndcg(ctx, test_traffic):

@@ -24,8 +24,8 @@ large replay batch is processed in groups of requests of about `score_chunk_pair
 candidate) pairs, so per-pair intermediates stay in cache (on a GPU `score_chunk_pairs_gpu`,
 larger, because there each group's kernel launches, not its arithmetic, set the time). With
 `compile=True` that call goes through `torch.compile` (dynamic shapes, so the smaller last
-group does not recompile); if
-compilation fails (no C++ compiler, say) scoring says so once on stderr and stays eager.
+group does not recompile); if compilation fails (no C++ compiler, say) scoring says so once on
+stderr and stays eager.
 With `quantize="int8"` (CPU only) the linear layers at least 32 wide are quantized to dynamic
 int8 (`cascade.stages.quantize`, by `LearnedStage.fit`) after the catalogue cache is built: the
 cache comes from the float32 model, because it is computed once per catalogue, where int8 would

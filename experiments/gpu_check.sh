@@ -58,8 +58,9 @@ PY
 tail -n 4 "$LOG"
 
 # each test process compiles and autotunes the kernel for its own shapes: on an H200, 43 of
-# these tests took 68 s with 16 processes after an earlier run had filled Triton's cache
-step kernel_tests 240 python3 -P -m pytest -q -p no:cacheprovider -n 16 -m gpu \
+# these tests took 68 s in two processes (the suite's default --dist loadfile keeps a file in
+# one) after an earlier run had filled Triton's cache; --dist load spreads them over 16
+step kernel_tests 240 python3 -P -m pytest -q -p no:cacheprovider -n 16 --dist load -m gpu \
     tests/test_target_attention.py tests/test_hstu.py
 
 step bench_attention 150 python3 -P experiments/bench_attention.py --device cuda --no-compile \

@@ -402,8 +402,9 @@ class LateStageRanker(LearnedStage):
 
     def _pretrain(self, model: LSRModel, ctx: FitContext, run: Callable[[float | None], dict]) -> dict:
         """The pretraining phase, `run(dropout)`, once per rate of `LSRConfig.dropout_rates`
-        from the same initial weights, keeping the best-validating rate and its weights; the
-        report lists every rate tried."""
+        from the same initial weights, keeping the best-validating rate and its weights. The
+        report is the kept run's, with its times (`seconds`, `train_step_s`, `optimizer_s`)
+        summed over every rate, and `search` listing each rate tried."""
         grid = self.config.dropout_rates()
         if len(grid) == 1:
             return run(None)
@@ -413,14 +414,15 @@ class LateStageRanker(LearnedStage):
             model.load_state_dict(start)
             set_dropout(model, p)
             report = run(p)
-            tried.append({"dropout": p, "best_valid": report["best_valid"],
-                          "epochs_run": report["epochs_run"], "seconds": report["seconds"]})
+            tried.append({"dropout": p, "best_valid": report["best_valid"], "epochs_run": report["epochs_run"],
+                          **{k: report[k] for k in ("seconds", "train_step_s", "optimizer_s")}})
             if best is None or report["best_valid"] > best[1]["best_valid"]:
                 best = (p, report, {k: v.detach().clone() for k, v in model.state_dict().items()})
         p, report, state = best
         model.load_state_dict(state)
         set_dropout(model, p)
-        return {**report, "dropout": p, "search": tried, "seconds": sum(t["seconds"] for t in tried)}
+        times = {k: sum(t[k] for t in tried) for k in ("seconds", "train_step_s", "optimizer_s")}
+        return {**report, **times, "dropout": p, "search": tried}
 
     @torch.no_grad()
     def score_all(self, batch: RequestBatch, chunk: int | None = None) -> Tensor:

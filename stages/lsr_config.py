@@ -107,12 +107,16 @@ class LSRConfig:
             raise ValueError(f"LSRConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LSRConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.dropout_search, (tuple, list)):
+            raise ValueError("LSRConfig.dropout_search must be a list of dropout rates, got "
+                             f"{self.dropout_search!r}")
         object.__setattr__(self, "dropout_search", tuple(self.dropout_search))
         for p in self.dropout_search:
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
                 raise ValueError(f"LSRConfig.dropout_search values must be in [0, 1), got {p!r}")
-        if len(set(self.dropout_search)) != len(self.dropout_search):
-            raise ValueError(f"LSRConfig.dropout_search repeats a value: {list(self.dropout_search)}")
+        if len(set(self.dropout_search)) != len(self.dropout_search) or self.dropout in self.dropout_search:
+            raise ValueError(f"LSRConfig.dropout_search repeats a rate (or dropout = {self.dropout}): "
+                             f"{list(self.dropout_search)}")
         if self.next_item_weight < 0 or self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
             raise ValueError("LSRConfig.next_item_weight, in_batch_negatives and "
                              "n_uniform_negatives must be >= 0")
@@ -125,7 +129,10 @@ class LSRConfig:
             raise ValueError("LSRConfig.train must be a TrainConfig")
         if self.pretrain is not None and not isinstance(self.pretrain, TrainConfig):
             raise ValueError("LSRConfig.pretrain must be a TrainConfig or left out")
+        if self.dropout_search and (self.pretrain is None or self.next_item_weight == 0):
+            raise ValueError("LSRConfig.dropout_search chooses the rate in the pretraining phase: it "
+                             "needs pretrain set and next_item_weight > 0")
 
     def dropout_rates(self) -> tuple[float, ...]:
         """The rates the pretraining phase tries: `dropout` first, then `dropout_search`."""
-        return (self.dropout, *(p for p in self.dropout_search if p != self.dropout))
+        return (self.dropout, *self.dropout_search)

@@ -798,16 +798,18 @@ def test_lsr_dropout_search_keeps_the_best_validating_rate_deterministically(ctx
     """Each rate is pretrained from the same initial weights; the best-validating one is kept
     with its weights, so the fit equals a fit at that rate alone, and repeats under a seed."""
     short = TrainConfig(epochs=2, batch_size=64, lr=3e-3, max_steps_per_epoch=4)
-    cfg = replace(LSR, dropout=0.0, dropout_search=(0.9, 0.0), pretrain=short,
+    cfg = replace(LSR, dropout=0.9, dropout_search=(0.0, 0.8), pretrain=short,
                   train=replace(LSR.train, epochs=1, max_steps_per_epoch=2))
-    assert cfg.dropout_rates() == (0.0, 0.9)
+    assert cfg.dropout_rates() == (0.9, 0.0, 0.8)
     fresh = replace(ctx, cache_dir=None)
     a, b = LateStageRanker(cfg).fit(fresh), LateStageRanker(cfg).fit(fresh)
     pre = a.fit_report_["pretrain"]
     tried = {t["dropout"]: t["best_valid"] for t in pre["search"]}
-    assert list(tried) == [0.0, 0.9] and pre["dropout"] == max(tried, key=tried.get)
-    assert tried[0.0] != tried[0.9]  # the rates trained differently
-    timeless = lambda rows: [{k: v for k, v in t.items() if k != "seconds"} for t in rows]  # noqa: E731
+    assert list(tried) == [0.9, 0.0, 0.8] and pre["dropout"] == max(tried, key=tried.get)
+    # a winner after the first rate: its run had to start again from the initial weights
+    assert pre["dropout"] != 0.9 and len(set(tried.values())) == 3
+    timeless = lambda rows: [{k: v for k, v in t.items() if not k.endswith("_s") and k != "seconds"}  # noqa: E731
+                             for t in rows]
     assert timeless(b.fit_report_["pretrain"]["search"]) == timeless(pre["search"])
     alone = LateStageRanker(replace(cfg, dropout=pre["dropout"], dropout_search=())).fit(fresh)
     assert "search" not in alone.fit_report_["pretrain"]
@@ -817,10 +819,18 @@ def test_lsr_dropout_search_keeps_the_best_validating_rate_deterministically(ctx
         assert torch.equal(w, alone.model_.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("rates, message", [((1.0,), r"\[0, 1\)"), ((0.5, 0.5), "repeats"), (("x",), "x")])
-def test_lsr_dropout_search_refuses_bad_rates(rates, message):
+@pytest.mark.parametrize("change, message", [
+    ({"dropout_search": (1.0,)}, r"\[0, 1\)"),
+    ({"dropout_search": (0.5, 0.5)}, "repeats"),
+    ({"dropout_search": (0.3,)}, "dropout = 0.3"),
+    ({"dropout_search": ("x",)}, "'x'"),
+    ({"dropout_search": 0.5}, "a list of dropout rates"),
+    ({"dropout_search": (0.5,), "pretrain": None}, "needs pretrain"),
+    ({"dropout_search": (0.5,), "next_item_weight": 0.0}, "needs pretrain"),
+])
+def test_lsr_dropout_search_refuses_bad_rates(change, message):
     with pytest.raises(ValueError, match=message):
-        LSRConfig(dropout_search=rates)
+        LSRConfig(**change)
 
 
 def test_lsr_pretraining_trains_the_generative_head_and_early_stops_on_its_ndcg(ctx, test_traffic):

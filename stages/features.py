@@ -24,7 +24,7 @@ Code 0 is "unknown" for categorical features and "padding" for multi-valued ones
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -42,6 +42,35 @@ CATALOGUE_CACHE_BYTES = 64 << 20  # ItemFeatureEmbedder caches every item's embe
 DEDUP_MIN = 2048  # ItemFeatureEmbedder embeds distinct ids once when a call has more ids
 
 
+class ServingCache(nn.Module):
+    """A module whose serving path keeps tensors derived from its weights (`serving_cached`):
+    each computed once per state of the weights (their storage and in-place version counters,
+    so `load_state_dict`, `.to()` or an in-place edit recompute it), outside the state dict,
+    pickles and deep copies, and dropped by `train()`, so that whatever training does to the
+    weights (an optimiser may write them without a version bump) is never served stale.
+    Weights made in inference mode carry no version counter: they key by storage alone."""
+
+    def serving_cached(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        tensors = (*self.parameters(), *self.buffers())
+        state = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        caches = self.__dict__.setdefault("_serving_cache", {})
+        hit = caches.get(name)
+        if hit is None or hit[0] != state:
+            device = tensors[0].device if tensors else torch.device("cpu")
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                hit = caches[name] = (state, compute())
+        return hit[1]
+
+    def train(self, mode: bool = True) -> "ServingCache":
+        self.__dict__.pop("_serving_cache", None)
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_serving_cache", None)
+        return state
+
+
 def _check_combine(combine: str) -> None:
     if combine not in ("sum", "concat"):
         raise ValueError(f"combine must be 'sum' or 'concat', got {combine!r}")
@@ -52,7 +81,7 @@ def _buffer_name(name: str) -> str:
     return "f_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
-class ItemFeatureEmbedder(nn.Module):
+class ItemFeatureEmbedder(ServingCache):
     """(any shape) int64 item ids -> (*shape, dim) float embeddings.
 
     With `combine="sum"` each part is a `dim`-wide embedding and the parts are added; with
@@ -142,35 +171,15 @@ class ItemFeatureEmbedder(nn.Module):
         return self._embed(ids)
 
     def catalogue(self) -> Tensor | None:
-        """(n_items, dim) every item's embedding for serving, kept outside the state dict and
-        computed again after `train()` (so whatever training does to the weights) and whenever
-        the weights' storage or in-place version counters changed (`load_state_dict`, `.to()`,
-        an in-place edit in eval mode); None when the table would exceed `CATALOGUE_CACHE_BYTES`
-        or the weights are inference tensors (no version counters). Serving reads rows of it
-        instead of re-embedding each id: 256 x 50 history ids of ml-100k's 1,682 items 0.81 ->
-        0.22 ms when the table was recomputed per call, and on Toys' 11,924 items the sort of
-        the ids that deduplication needs goes too."""
-        tensors = (*self.parameters(), *self.buffers())
-        if self.n_items * self.dim * 4 > CATALOGUE_CACHE_BYTES or any(t.is_inference() for t in tensors):
+        """(n_items, dim) every item's embedding for serving (`ServingCache`), or None when the
+        table would exceed `CATALOGUE_CACHE_BYTES`. Serving reads rows of it instead of
+        re-embedding each id: 256 x 50 history ids of ml-100k's 1,682 items 0.81 -> 0.22 ms when
+        the table was recomputed per call, and on Toys' 11,924 items the sort of the ids that
+        deduplication needs goes too."""
+        if self.n_items * self.dim * 4 > CATALOGUE_CACHE_BYTES:
             return None
-        state = tuple((t.data_ptr(), t._version) for t in tensors)
-        cached = self.__dict__.get("_catalogue")
-        if cached is None or cached[0] != state:
-            device = self.cat_codes.device
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                table = self._embed(torch.arange(self.n_items, device=device))
-            self.__dict__["_catalogue"] = cached = (state, table)
-        return cached[1]
-
-    def train(self, mode: bool = True) -> "ItemFeatureEmbedder":
-        self.__dict__.pop("_catalogue", None)  # an optimiser may change weights unversioned
-        return super().train(mode)
-
-    def __getstate__(self) -> dict:  # pickles and deep copies leave the serving cache behind
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_catalogue", None)
-        return state
+        return self.serving_cached(
+            "catalogue", lambda: self._embed(torch.arange(self.n_items, device=self.cat_codes.device)))
 
     def _embed(self, ids: Tensor) -> Tensor:
         parts = self.parts(ids)  # P x (*shape, dim)
@@ -249,17 +258,22 @@ class HistoryTokenEmbedder(nn.Module):
 
     def embed(self, items: Tensor, actions: Tensor, gaps: Tensor, hist_len: Tensor) -> Tensor:
         """(B, N) items/actions/gaps, (B,) lengths -> (B, N, dim), exactly zero at padding."""
-        n = items.shape[1]
-        ar = torch.arange(n, device=items.device)[None, :]
-        mask = ar < hist_len[:, None]  # (B, N)
+        mask = torch.arange(items.shape[1], device=items.device)[None, :] < hist_len[:, None]  # (B, N)
         # action and gap embeddings summed through one (4 * 32, dim) table: one row gather
         # (F.embedding: 0.05 ms for 256 x 50 ids where table[ids] takes 0.33)
-        table = (self.action_emb.weight[:, None] + self.gap_emb.weight[None, :]).flatten(0, 1)
-        x = self.items(items) + F.embedding(actions * N_GAP_BUCKETS + gaps, table)
+        x = self.items(items) + F.embedding(actions * N_GAP_BUCKETS + gaps, self._action_gap_table())
         if self.pos_emb is not None:
-            recency = (hist_len[:, None] - 1 - ar).clamp(0, self.pos_emb.num_embeddings - 1)
-            x = x + self.pos_emb(recency)
+            x = x + self.pos_emb(self._recency(hist_len, items.shape[1]))
         return x * mask[..., None].to(x.dtype)
+
+    def _action_gap_table(self) -> Tensor:
+        """(N_ACTION_CODES * N_GAP_BUCKETS, dim): row a * N_GAP_BUCKETS + g = action a + gap g."""
+        return (self.action_emb.weight[:, None] + self.gap_emb.weight[None, :]).flatten(0, 1)
+
+    def _recency(self, hist_len: Tensor, n: int) -> Tensor:
+        """(B, n) each position's recency-embedding row (0 = the newest event)."""
+        ar = torch.arange(n, device=hist_len.device)[None, :]
+        return (hist_len[:, None] - 1 - ar).clamp(0, self.pos_emb.num_embeddings - 1)
 
     def forward(self, batch: RequestBatch) -> Tensor:
         return self.embed(batch.hist_items, batch.hist_actions, batch.hist_gaps, batch.hist_len)
@@ -281,15 +295,10 @@ class HistoryTokenEmbedder(nn.Module):
         w = w / w.sum(1, keepdim=True).clamp_min(1.0)
         w = w * batch.hist_mask.repeat(len(masks), 1)  # padding tokens are zero: weight 0, counted
         k = len(masks)
-        ag_table = (self.action_emb.weight[:, None] + self.gap_emb.weight[None, :]).flatten(0, 1)
-        ag = (batch.hist_actions * N_GAP_BUCKETS + batch.hist_gaps).repeat(k, 1)
-        out = (F.embedding_bag(items.repeat(k, 1), table, per_sample_weights=w, mode="sum")
-               + F.embedding_bag(ag, ag_table, per_sample_weights=w, mode="sum"))
+        bag = lambda ids, rows: F.embedding_bag(ids.repeat(k, 1), rows, per_sample_weights=w, mode="sum")  # noqa: E731
+        out = bag(items, table) + bag(batch.hist_actions * N_GAP_BUCKETS + batch.hist_gaps, self._action_gap_table())
         if self.pos_emb is not None:
-            ar = torch.arange(batch.hist_items.shape[1], device=w.device)[None, :]
-            recency = (batch.hist_len[:, None] - 1 - ar).clamp(0, self.pos_emb.num_embeddings - 1)
-            out = out + F.embedding_bag(recency.repeat(k, 1), self.pos_emb.weight, per_sample_weights=w,
-                                        mode="sum")
+            out = out + bag(self._recency(batch.hist_len, batch.hist_items.shape[1]), self.pos_emb.weight)
         return list(out.split(len(batch)))
 
 

@@ -66,6 +66,7 @@ from cascade.stages.features import (
     HistoryTokenEmbedder,
     ItemFeatureEmbedder,
     MatchCounter,
+    ServingCache,
     UserFeatureEmbedder,
     catalogue_valid_requests,
     mean_batch_events,
@@ -82,7 +83,7 @@ from cascade.stages.lsr_validation import generative_ndcg, newest_output, next_k
 from cascade.stages.training import fit_model, sampled_mrr
 
 
-class LSRModel(nn.Module):
+class LSRModel(ServingCache):
     def __init__(self, ctx: FitContext, cfg: LSRConfig) -> None:
         super().__init__()
         ds = ctx.dataset
@@ -123,7 +124,6 @@ class LSRModel(nn.Module):
         self.next_proj = nn.Linear(d, d)  # history output -> next-item query (generative path)
         self.next_item = nn.Linear(d, d)  # item embedding -> next-item key
         self.inv_temp = 1.0 / cfg.temperature
-        self._keys: Tensor | None = None  # the catalogue's next-item keys (`catalogue_keys`)
         nn.init.normal_(self.position.weight, std=0.02)
 
     # -- tokens ------------------------------------------------------------------------------
@@ -156,15 +156,9 @@ class LSRModel(nn.Module):
         """(..., D) item embeddings -> unit-norm next-item keys."""
         return F.normalize(item + self.next_item(item), dim=-1)
 
-    def train(self, mode: bool = True) -> "LSRModel":
-        self._keys = None  # the catalogue's next-item keys (`generative`), rebuilt on demand
-        return super().train(mode)
-
     def catalogue_keys(self, device: torch.device) -> Tensor:
-        """(n_items, D) every item's next-item key, computed once (eval mode, no autograd)."""
-        if self._keys is None:
-            self._keys = next_keys(self, device)
-        return self._keys
+        """(n_items, D) every item's next-item key for serving (`ServingCache`)."""
+        return self.serving_cached("keys", lambda: next_keys(self, device))
 
     def generative_query(self, enc: "Encoded") -> Tensor:
         """(B, D) unit next-item queries of encoded requests: newest output + user."""

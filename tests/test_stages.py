@@ -355,12 +355,15 @@ def test_lsr_serving_keys_equal_recomputed_keys(lsr, batch):
     with torch.no_grad():
         enc = model.encode(batch)
         served = model.score_with(enc, cand)
-    assert model._keys is not None and model._keys.shape[0] == 120
+    keys = model.catalogue_keys(cand.device)
+    assert keys.shape[0] == 120 and model.catalogue_keys(cand.device) is keys  # computed once
     with torch.enable_grad():
         recomputed = model.score_with(enc, cand).detach()
     torch.testing.assert_close(served, recomputed, rtol=1e-5, atol=1e-5)
+    model.eval().load_state_dict(lsr.fitted_model().state_dict())  # new weights: new keys
+    assert model.catalogue_keys(cand.device) is not keys
     model.train()
-    assert model._keys is None
+    assert "_serving_cache" not in model.__dict__
 
 
 def test_lsr_outranks_a_pointwise_twotower(lsr, test_traffic, ctx):
@@ -598,7 +601,7 @@ def test_item_embedder_serving_cache_follows_the_weights(ctx, monkeypatch):
         first = emb(ids)
     table = emb.catalogue()
     assert emb.catalogue() is table  # computed once
-    assert not any("catalogue" in k for k in emb.state_dict())
+    assert not any("catalogue" in k or "cache" in k for k in emb.state_dict())
     with torch.no_grad():  # an in-place change of the weights (an optimiser step, say)
         emb.id_emb.weight.add_(1.0)
     assert emb.catalogue() is not table
@@ -610,17 +613,19 @@ def test_item_embedder_serving_cache_follows_the_weights(ctx, monkeypatch):
     other.load_state_dict(ItemFeatureEmbedder(ds.items, ds.n_items, 8).state_dict())
     with torch.no_grad():
         torch.testing.assert_close(other(ids), other._embed(ids))
-    assert "_catalogue" not in copy.deepcopy(emb).__dict__
-    assert "_catalogue" not in pickle.loads(pickle.dumps(emb)).__dict__
+    assert "_serving_cache" not in copy.deepcopy(emb).__dict__
+    assert "_serving_cache" not in pickle.loads(pickle.dumps(emb)).__dict__
     emb.train()  # training reads the weights directly, and drops the table
-    assert "_catalogue" not in emb.__dict__
+    assert "_serving_cache" not in emb.__dict__
     with torch.no_grad():
         emb.id_emb.weight.data.add_(1.0)  # an update no version counter sees
     torch.testing.assert_close(emb(ids), first + 2.0)
     with torch.no_grad():
         torch.testing.assert_close(emb.eval()(ids), first + 2.0)
-    with torch.inference_mode():  # weights made in inference mode have no version counters
-        assert copy.deepcopy(emb).to(torch.float64).catalogue() is None
+    with torch.inference_mode():  # weights made in inference mode: keyed by their storage
+        wide = copy.deepcopy(emb).eval().to(torch.float64)
+        assert wide.catalogue() is wide.catalogue()
+        torch.testing.assert_close(wide(ids), wide._embed(ids))
     monkeypatch.setattr(features, "CATALOGUE_CACHE_BYTES", 8)  # too large to cache: embedded per call
     assert emb.eval().catalogue() is None
     with torch.no_grad():

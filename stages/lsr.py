@@ -29,9 +29,9 @@ next-item head and DCN-v2 feature crossing. The heaviest model of the funnel.
   with the logQ correction (`rank_logq`);
   (2) the generative head predicts the next item after every history position at once against
   shared in-batch + uniform negatives (logQ-corrected, `next_item_weight`): dense, cheap signal
-  that trains the encoder and item embeddings on every event. A catalogue no larger than the
-  sample (`in_batch_negatives + n_uniform_negatives`) gets the full softmax instead: exact, and
-  fewer logits.
+  that trains the encoder and item embeddings on every event. A catalogue of at most
+  `full_softmax_items` items (or no larger than the sample) gets the full softmax instead: the
+  exact loss, worth its cost on sparse logs (Klenitskiy & Vasilev, RecSys 2023).
   Before that joint phase, a pretraining phase (`pretrain`) trains on (2) alone, in full passes
   over the windows, early-stopped on the generative head's full-catalogue NDCG@10: without the
   per-pair work of (1) a window costs several times less, so a sparse log (short histories,
@@ -317,14 +317,15 @@ class LateStageRanker(LearnedStage):
                 return rank_loss
             return rank_loss + cfg.next_item_weight * next_item_loss(enc.state.output, nxt[:, 1:], batch, gen)
 
-        full_softmax = n_items <= cfg.in_batch_negatives + cfg.n_uniform_negatives
+        sample = cfg.in_batch_negatives + cfg.n_uniform_negatives
+        full_softmax = n_items <= max(cfg.full_softmax_items, sample)
 
         def next_item_loss(hist_out: Tensor, nxt: Tensor, batch: RequestBatch, gen) -> Tensor:
             # HSTU's generative objective: the history output after event j predicts event j+1,
             # at every position at once, against shared in-batch + uniform negatives (logQ)
             valid = batch.hist_mask
             user = model.user(batch)[:, None, :].expand_as(hist_out)
-            if full_softmax:  # the catalogue is no larger than the sample: score it all, exactly
+            if full_softmax:  # a small catalogue: score it all, exactly
                 keys = model.next_key(model.items(torch.arange(n_items, device=ctx.device)))
                 query = model.next_query((hist_out + user)[valid])
                 return F.cross_entropy(model.inv_temp * query @ keys.T, nxt[valid])
@@ -373,6 +374,8 @@ class LateStageRanker(LearnedStage):
             report["pretrain"] = {k: v for k, v in first.items() if k != "history"}
             report["seconds"] += first["seconds"]
         report["serves"] = "generative head" if model.crossing_is_zero() else "full model"
+        report["next_item_loss"] = ("full softmax" if full_softmax else
+                                    f"sampled softmax ({sample} negatives, logQ)")
         return report
 
     @torch.no_grad()

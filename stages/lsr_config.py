@@ -53,6 +53,11 @@ class LSRConfig:
     # the newest event 0.0457; dropout on the input tokens 0.0492; softmax attention 0.0524
     in_batch_negatives: int = 2048
     n_uniform_negatives: int = 2048
+    # the next-item loss is the full softmax over the catalogue up to this many items (or when
+    # the sample above would be as large), else the sampled one. Amazon Toys (11,924 items), all
+    # 19,412 test requests, the LSR alone: HR@10 / NDCG@10 0.0666 / 0.0396 sampled -> 0.0729 /
+    # 0.0453 full, fit 68 s -> 139 s on 2 cores
+    full_softmax_items: int = 16384
     temperature: float = 0.05  # next-item loss: cosine temperature
     # early stopping: "rerank_ndcg" (NDCG@10 re-ranking the generative head's top
     # `valid_candidates`, aligned with the full-catalogue reference) or "sampled_mrr"
@@ -86,7 +91,7 @@ class LSRConfig:
         for name in (
             "dim", "n_layers", "n_heads", "n_cross", "hidden", "n_negatives",
             "prefixes_per_window", "valid_requests", "score_chunk", "match_recent",
-            "valid_candidates",
+            "valid_candidates", "full_softmax_items",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"LSRConfig.{name} must be >= 1, got {getattr(self, name)}")

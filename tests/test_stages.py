@@ -866,3 +866,20 @@ def test_lsr_pretraining_trains_the_generative_head_and_early_stops_on_its_ndcg(
         assert generative_ndcg(model, test_traffic, exclude, stage.device_) == pytest.approx(by_hand, abs=1e-6)
     assert generative_ndcg(model, valid, True, stage.device_) > 1.5 * generative_ndcg(
         untrained.model_, valid, True, untrained.device_)
+
+
+def test_lsr_next_item_loss_is_the_full_softmax_up_to_full_softmax_items(ctx):
+    """The generative loss scores the whole catalogue when it has at most `full_softmax_items`
+    items, else shared sampled negatives; the two train different weights."""
+    one = TrainConfig(epochs=1, batch_size=64, lr=3e-3, max_steps_per_epoch=2)
+    base = replace(LSR, pretrain=one, train=replace(LSR.train, epochs=1, max_steps_per_epoch=1),
+                   in_batch_negatives=16, n_uniform_negatives=16)
+    n_items = ctx.dataset.n_items
+    assert n_items > 32
+    full = LateStageRanker(replace(base, full_softmax_items=n_items)).fit(replace(ctx, cache_dir=None))
+    sampled = LateStageRanker(replace(base, full_softmax_items=n_items - 1)).fit(replace(ctx, cache_dir=None))
+    assert full.fit_report_["next_item_loss"] == "full softmax"
+    assert sampled.fit_report_["next_item_loss"] == "sampled softmax (32 negatives, logQ)"
+    assert not torch.equal(full.model_.next_item.weight, sampled.model_.next_item.weight)
+    with pytest.raises(ValueError, match="full_softmax_items"):
+        LSRConfig(full_softmax_items=0)

@@ -61,6 +61,12 @@ class TwoTowerConfig:
     loss: str = "softmax"
     in_batch_negatives: int = 2048
     n_uniform_negatives: int = 2048
+    # loss="softmax": the full softmax over the catalogue up to this many items (or when the
+    # sample above would be as large), else the sampled one. All test requests, ESR alone,
+    # one thread: ml-100k (1,682 items) HR@10 / NDCG@10 0.193 / 0.098 sampled -> 0.208 / 0.108
+    # full; Amazon Toys (11,924 items) 0.0641 / 0.0352 -> 0.0640 / 0.0353 for 3x the fit time
+    # (46 s -> 136 s): so not past the sample's size
+    full_softmax_items: int = 4096
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             # up to 200 steps an epoch and patience 3 (was 50 and 1: it stopped undertrained).
@@ -75,7 +81,7 @@ class TwoTowerConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("dim", "hidden", "recent", "n_negatives", "valid_requests"):
+        for name in ("dim", "hidden", "recent", "n_negatives", "valid_requests", "full_softmax_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TwoTowerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len is not None and self.max_len < 1:
@@ -167,10 +173,16 @@ class TwoTowerESR(LearnedStage):
 
         freq = torch.as_tensor(counts / max(counts.sum(), 1), dtype=torch.float32, device=ctx.device)
 
+        n_items = ctx.dataset.n_items
+        full = n_items <= max(cfg.full_softmax_items, cfg.in_batch_negatives + cfg.n_uniform_negatives)
+        every = torch.arange(n_items, device=ctx.device)
+
         def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
             if cfg.loss == "softmax":  # <[u; 1], [v; bias]> = the served score
                 u = model.user(batch)
                 q = torch.cat([u, torch.ones_like(u[:, :1])], 1)
+                if full:  # the exact loss over every item
+                    return F.cross_entropy(q @ model.item(every).T, batch.targets[:, 0])
                 return shared_negative_softmax(
                     q, batch.targets[:, 0], model.item, freq, gen,
                     n_in_batch=cfg.in_batch_negatives, n_uniform=cfg.n_uniform_negatives,
@@ -188,7 +200,11 @@ class TwoTowerESR(LearnedStage):
         def valid_fn() -> float:
             return sampled_mrr(model, valid, ctx.device, seed=ctx.seed)
 
-        return fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="esr twotower")
+        report = fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="esr twotower")
+        if cfg.loss == "softmax":
+            sample = cfg.in_batch_negatives + cfg.n_uniform_negatives
+            report["loss"] = "full softmax" if full else f"sampled softmax ({sample} negatives, logQ)"
+        return report
 
     def prepare_serving(self, model: TwoTowerModel, ctx: FitContext) -> None:
         self.item_vecs_ = model.all_items()

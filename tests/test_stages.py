@@ -477,6 +477,7 @@ def test_learned_stage_config_from_a_table():
         (lambda: TwoTowerConfig(n_negatives=0), "n_negatives"),
         (lambda: TwoTowerConfig(loss="hinge"), "loss"),
         (lambda: TwoTowerConfig(n_uniform_negatives=-1), "n_uniform_negatives"),
+        (lambda: TwoTowerConfig(full_softmax_items=0), "full_softmax_items"),
         (lambda: LSRConfig(attention="relu"), "attention"),
         (lambda: LSRConfig(impl="cuda"), "impl"),
         (lambda: LSRConfig(prefixes_per_window=0), "prefixes_per_window"),
@@ -883,3 +884,17 @@ def test_lsr_next_item_loss_is_the_full_softmax_up_to_full_softmax_items(ctx):
     assert not torch.equal(full.model_.next_item.weight, sampled.model_.next_item.weight)
     with pytest.raises(ValueError, match="full_softmax_items"):
         LSRConfig(full_softmax_items=0)
+
+
+def test_twotower_softmax_is_the_full_softmax_up_to_full_softmax_items(ctx):
+    """The two-tower's softmax loss scores every item when the catalogue has at most
+    `full_softmax_items` items, else shared sampled negatives; the two train different weights."""
+    base = replace(TWOTOWER, in_batch_negatives=16, n_uniform_negatives=16,
+                   train=replace(TWOTOWER.train, epochs=1, max_steps_per_epoch=2))
+    n_items = ctx.dataset.n_items
+    assert n_items > 32
+    full = TwoTowerESR(replace(base, full_softmax_items=n_items)).fit(replace(ctx, cache_dir=None))
+    sampled = TwoTowerESR(replace(base, full_softmax_items=n_items - 1)).fit(replace(ctx, cache_dir=None))
+    assert full.fit_report_["loss"] == "full softmax"
+    assert sampled.fit_report_["loss"] == "sampled softmax (32 negatives, logQ)"
+    assert not torch.equal(full.model_.item_bias.weight, sampled.model_.item_bias.weight)

@@ -74,7 +74,7 @@ from cascade.stages.features import (
     sequence_windows,
     subsample,
 )
-from cascade.stages.negatives import NegativeSampler, shared_negative_softmax
+from cascade.stages.negatives import NegativeSampler, shared_negative_softmax, softmax_kind
 from cascade.stages.gather import dot_candidates
 from cascade.stages.learned import LearnedStage
 from cascade.stages.dcn import CrossNetwork
@@ -317,8 +317,8 @@ class LateStageRanker(LearnedStage):
                 return rank_loss
             return rank_loss + cfg.next_item_weight * next_item_loss(enc.state.output, nxt[:, 1:], batch, gen)
 
-        sample = cfg.in_batch_negatives + cfg.n_uniform_negatives
-        full_softmax = n_items <= max(cfg.full_softmax_items, sample)
+        full_softmax, loss_name = softmax_kind(
+            n_items, cfg.full_softmax_items, cfg.in_batch_negatives + cfg.n_uniform_negatives)
 
         def next_item_loss(hist_out: Tensor, nxt: Tensor, batch: RequestBatch, gen) -> Tensor:
             # HSTU's generative objective: the history output after event j predicts event j+1,
@@ -374,8 +374,7 @@ class LateStageRanker(LearnedStage):
             report["pretrain"] = {k: v for k, v in first.items() if k != "history"}
             report["seconds"] += first["seconds"]
         report["serves"] = "generative head" if model.crossing_is_zero() else "full model"
-        report["next_item_loss"] = ("full softmax" if full_softmax else
-                                    f"sampled softmax ({sample} negatives, logQ)")
+        report["next_item_loss"] = loss_name
         return report
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """Negatives for the learned stages' training, shared by retrieval, the two-tower ESR, GESR and
 the LSR: `NegativeSampler` (uniform + popularity negatives with the sampled-softmax logQ
-correction) and `shared_negative_softmax` (in-batch + uniform negatives with the logQ
-correction)."""
+correction), `shared_negative_softmax` (in-batch + uniform negatives with the logQ
+correction) and `softmax_kind` (full or sampled, by catalogue size)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,11 @@ def shared_negative_softmax(
     neg_logit = neg_logit.masked_fill(pos[:, None] == cols[None, :], -math.inf)
     logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(pos))
+
+
+def softmax_kind(n_items: int, full_softmax_items: int, n_sampled: int) -> tuple[bool, str]:
+    """Whether a softmax loss scores the whole catalogue (at most `full_softmax_items` items, or
+    no more than the `n_sampled` negatives a sampled one would draw), and its name for the fit
+    report."""
+    full = n_items <= max(full_softmax_items, n_sampled)
+    return full, "full softmax" if full else f"sampled softmax ({n_sampled} negatives, logQ)"

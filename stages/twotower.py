@@ -36,7 +36,7 @@ from cascade.stages.features import (
     recent_history,
     subsample,
 )
-from cascade.stages.negatives import NegativeSampler, shared_negative_softmax
+from cascade.stages.negatives import NegativeSampler, shared_negative_softmax, softmax_kind
 from cascade.stages.gather import dot_candidates
 from cascade.stages.learned import LearnedStage
 from cascade.stages.training import TrainConfig, fit_model, sampled_mrr
@@ -174,7 +174,8 @@ class TwoTowerESR(LearnedStage):
         freq = torch.as_tensor(counts / max(counts.sum(), 1), dtype=torch.float32, device=ctx.device)
 
         n_items = ctx.dataset.n_items
-        full = n_items <= max(cfg.full_softmax_items, cfg.in_batch_negatives + cfg.n_uniform_negatives)
+        full, loss_name = softmax_kind(
+            n_items, cfg.full_softmax_items, cfg.in_batch_negatives + cfg.n_uniform_negatives)
         every = torch.arange(n_items, device=ctx.device)
 
         def loss_fn(batch: RequestBatch, gen: torch.Generator) -> Tensor:
@@ -202,8 +203,7 @@ class TwoTowerESR(LearnedStage):
 
         report = fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="esr twotower")
         if cfg.loss == "softmax":
-            sample = cfg.in_batch_negatives + cfg.n_uniform_negatives
-            report["loss"] = "full softmax" if full else f"sampled softmax ({sample} negatives, logQ)"
+            report["loss"] = loss_name
         return report
 
     def prepare_serving(self, model: TwoTowerModel, ctx: FitContext) -> None:

@@ -477,7 +477,6 @@ def test_learned_stage_config_from_a_table():
         (lambda: TwoTowerConfig(n_negatives=0), "n_negatives"),
         (lambda: TwoTowerConfig(loss="hinge"), "loss"),
         (lambda: TwoTowerConfig(n_uniform_negatives=-1), "n_uniform_negatives"),
-        (lambda: TwoTowerConfig(full_softmax_items=0), "full_softmax_items"),
         (lambda: LSRConfig(attention="relu"), "attention"),
         (lambda: LSRConfig(impl="cuda"), "impl"),
         (lambda: LSRConfig(prefixes_per_window=0), "prefixes_per_window"),
@@ -869,32 +868,25 @@ def test_lsr_pretraining_trains_the_generative_head_and_early_stops_on_its_ndcg(
         untrained.model_, valid, True, untrained.device_)
 
 
-def test_lsr_next_item_loss_is_the_full_softmax_up_to_full_softmax_items(ctx):
-    """The generative loss scores the whole catalogue when it has at most `full_softmax_items`
-    items, else shared sampled negatives; the two train different weights."""
-    one = TrainConfig(epochs=1, batch_size=64, lr=3e-3, max_steps_per_epoch=2)
-    base = replace(LSR, pretrain=one, train=replace(LSR.train, epochs=1, max_steps_per_epoch=1),
-                   in_batch_negatives=16, n_uniform_negatives=16)
+@pytest.mark.parametrize("kind", ["lsr", "twotower"])
+def test_softmax_loss_is_the_full_softmax_up_to_full_softmax_items(ctx, kind):
+    """The LSR's next-item loss and the two-tower's softmax score the whole catalogue when it has
+    at most `full_softmax_items` items, else shared sampled negatives; the two train different
+    weights, and the fit report names the loss."""
+    if kind == "lsr":
+        one = TrainConfig(epochs=1, batch_size=64, lr=3e-3, max_steps_per_epoch=2)
+        base = replace(LSR, pretrain=one, train=replace(LSR.train, epochs=1, max_steps_per_epoch=1))
+        cls, key, weight = LateStageRanker, "next_item_loss", lambda m: m.next_item.weight
+    else:
+        base = replace(TWOTOWER, train=replace(TWOTOWER.train, epochs=1, max_steps_per_epoch=2))
+        cls, key, weight = TwoTowerESR, "loss", lambda m: m.item_bias.weight
+    base = replace(base, in_batch_negatives=16, n_uniform_negatives=16)
     n_items = ctx.dataset.n_items
     assert n_items > 32
-    full = LateStageRanker(replace(base, full_softmax_items=n_items)).fit(replace(ctx, cache_dir=None))
-    sampled = LateStageRanker(replace(base, full_softmax_items=n_items - 1)).fit(replace(ctx, cache_dir=None))
-    assert full.fit_report_["next_item_loss"] == "full softmax"
-    assert sampled.fit_report_["next_item_loss"] == "sampled softmax (32 negatives, logQ)"
-    assert not torch.equal(full.model_.next_item.weight, sampled.model_.next_item.weight)
+    full = cls(replace(base, full_softmax_items=n_items)).fit(replace(ctx, cache_dir=None))
+    sampled = cls(replace(base, full_softmax_items=n_items - 1)).fit(replace(ctx, cache_dir=None))
+    assert full.fit_report_[key] == "full softmax"
+    assert sampled.fit_report_[key] == "sampled softmax (32 negatives, logQ)"
+    assert not torch.equal(weight(full.model_), weight(sampled.model_))
     with pytest.raises(ValueError, match="full_softmax_items"):
-        LSRConfig(full_softmax_items=0)
-
-
-def test_twotower_softmax_is_the_full_softmax_up_to_full_softmax_items(ctx):
-    """The two-tower's softmax loss scores every item when the catalogue has at most
-    `full_softmax_items` items, else shared sampled negatives; the two train different weights."""
-    base = replace(TWOTOWER, in_batch_negatives=16, n_uniform_negatives=16,
-                   train=replace(TWOTOWER.train, epochs=1, max_steps_per_epoch=2))
-    n_items = ctx.dataset.n_items
-    assert n_items > 32
-    full = TwoTowerESR(replace(base, full_softmax_items=n_items)).fit(replace(ctx, cache_dir=None))
-    sampled = TwoTowerESR(replace(base, full_softmax_items=n_items - 1)).fit(replace(ctx, cache_dir=None))
-    assert full.fit_report_["loss"] == "full softmax"
-    assert sampled.fit_report_["loss"] == "sampled softmax (32 negatives, logQ)"
-    assert not torch.equal(full.model_.item_bias.weight, sampled.model_.item_bias.weight)
+        type(base)(full_softmax_items=0)

@@ -51,7 +51,6 @@ next-item head and DCN-v2 feature crossing. The heaviest model of the funnel.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -80,7 +79,7 @@ from cascade.stages.learned import LearnedStage
 from cascade.stages.dcn import CrossNetwork
 from cascade.stages.lsr_config import LSRConfig
 from cascade.stages.lsr_validation import generative_ndcg, newest_output, next_keys, rerank_ndcg
-from cascade.stages.training import fit_model, sampled_mrr
+from cascade.stages.training import fit_model, sampled_mrr, search_dropout
 
 
 class LSRModel(ServingCache):
@@ -255,13 +254,6 @@ class Encoded:
         return Encoded(state, self.user[rows], self.hist_items[rows], self.hist_actions[rows])
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Every dropout layer of `model` to rate `p` (the LSR's dropout lives in these alone)."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-
-
 SCORE_GROUP = 64  # serving on CPU: requests encoded together (`LateStageRanker.score`)
 # on a GPU, larger: each group costs the same kernel launches whatever its size, and those set
 # the time there (ml-100k, 256 x 60 in 4 groups: 34 ms per batch on an H200)
@@ -362,12 +354,13 @@ class LateStageRanker(LearnedStage):
 
         first = None
         if cfg.pretrain is not None and cfg.next_item_weight > 0:
-            first = self._pretrain(model, ctx, lambda p: fit_model(
+            # the pretraining phase once per rate of `dropout_rates`, the best-validating kept
+            first = search_dropout(model, cfg.dropout_rates(), lambda p: fit_model(
                 model, next_item_only,
                 lambda: generative_ndcg(model, valid, ctx.exclude_seen, ctx.device),
                 ctx, cfg.pretrain, desc="lsr next-item" + (f", dropout {p}" if p is not None else ""),
                 train=windows,
-            ))
+            ), times=("seconds", "train_step_s", "optimizer_s"))
         report = fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="lsr", train=windows,
                            validate_first=first is not None)
         if first is not None:
@@ -395,30 +388,6 @@ class LateStageRanker(LearnedStage):
             out[rows] = torch.cat([model.score_with(enc, cr[:, s : s + step])
                                    for s in range(0, cr.shape[1], step)], dim=1).float()
         return out
-
-    def _pretrain(self, model: LSRModel, ctx: FitContext, run: Callable[[float | None], dict]) -> dict:
-        """The pretraining phase, `run(dropout)`, once per rate of `LSRConfig.dropout_rates`
-        from the same initial weights, keeping the best-validating rate and its weights. The
-        report is the kept run's, with its times (`seconds`, `train_step_s`, `optimizer_s`)
-        summed over every rate, and `search` listing each rate tried."""
-        grid = self.config.dropout_rates()
-        if len(grid) == 1:
-            return run(None)
-        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        tried, best = [], None
-        for p in grid:
-            model.load_state_dict(start)
-            set_dropout(model, p)
-            report = run(p)
-            tried.append({"dropout": p, "best_valid": report["best_valid"], "epochs_run": report["epochs_run"],
-                          **{k: report[k] for k in ("seconds", "train_step_s", "optimizer_s")}})
-            if best is None or report["best_valid"] > best[1]["best_valid"]:
-                best = (p, report, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        p, report, state = best
-        model.load_state_dict(state)
-        set_dropout(model, p)
-        times = {k: sum(t[k] for t in tried) for k in ("seconds", "train_step_s", "optimizer_s")}
-        return {**report, **times, "dropout": p, "search": tried}
 
     @torch.no_grad()
     def score_all(self, batch: RequestBatch, chunk: int | None = None) -> Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cascade.stages.quantize import check_mode
-from cascade.stages.training import TrainConfig
+from cascade.stages.training import TrainConfig, check_dropout_search
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,16 +114,8 @@ class LSRConfig:
             raise ValueError(f"LSRConfig.pop_negatives must be in [0, 1], got {self.pop_negatives}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LSRConfig.dropout must be in [0, 1), got {self.dropout}")
-        if not isinstance(self.dropout_search, (tuple, list)):
-            raise ValueError("LSRConfig.dropout_search must be a list of dropout rates, got "
-                             f"{self.dropout_search!r}")
-        object.__setattr__(self, "dropout_search", tuple(self.dropout_search))
-        for p in self.dropout_search:
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-                raise ValueError(f"LSRConfig.dropout_search values must be in [0, 1), got {p!r}")
-        if len(set(self.dropout_search)) != len(self.dropout_search) or self.dropout in self.dropout_search:
-            raise ValueError(f"LSRConfig.dropout_search repeats a rate (or dropout = {self.dropout}): "
-                             f"{list(self.dropout_search)}")
+        object.__setattr__(self, "dropout_search", check_dropout_search(
+            self.dropout, self.dropout_search, "LSRConfig"))
         if self.next_item_weight < 0 or self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
             raise ValueError("LSRConfig.next_item_weight, in_batch_negatives and "
                              "n_uniform_negatives must be >= 0")

@@ -39,7 +39,7 @@ from cascade.stages.base import Candidates, FitContext, StageError, register
 from cascade.stages.features import catalogue_valid_requests
 from cascade.stages.learned import LearnedStage
 from cascade.stages.retrieval import build_index, index_search, search_with_exclusion, validate_index_spec
-from cascade.stages.training import TrainConfig, seed_everything
+from cascade.stages.training import TrainConfig, check_dropout_search, search_dropout, seed_everything
 from cascade.util.progress import Progress
 from cascade.util.ranking import ndcg, ranks_from_scores
 
@@ -52,6 +52,14 @@ class SASRecConfig:
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.3
+    # other rates tried beside `dropout`, chosen by validation on the user's own log
+    # (`stages.training.search_dropout`): training runs once per rate from the same initial
+    # weights and the best-validating rate is kept with its weights, at twice the fit time. The
+    # best rate follows the log's density: Amazon Toys (5.6 training events per user), all test
+    # requests, HR@10 / NDCG@10 0.0782 / 0.0496 at 0.3 and 0.0832 / 0.0520 at 0.5 (SASRec's
+    # rate for Amazon logs); ml-100k (106 per user) 0.173 / 0.0876 at 0.3 and 0.136 / 0.0697 at
+    # 0.5. Validation picked 0.5 on Toys and 0.3 on ml-100k
+    dropout_search: tuple[float, ...] = (0.5,)
     max_len: int | None = None  # window length; None: the run's max_len
     loss: Literal["auto", "full", "sampled"] = "auto"
     # "auto": the full softmax up to this many items (the LSR's limit too), past which the
@@ -79,6 +87,8 @@ class SASRecConfig:
             raise ValueError(f"SASRecConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SASRecConfig.dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "dropout_search", check_dropout_search(
+            self.dropout, self.dropout_search, "SASRecConfig"))
         if self.max_len is not None and self.max_len < 1:
             raise ValueError(f"SASRecConfig.max_len must be >= 1 or unset, got {self.max_len}")
         if self.loss not in ("auto", "full", "sampled"):
@@ -96,7 +106,7 @@ class CausalBlock(nn.Module):
     def __init__(self, d: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.p = dropout
+        self.attn_drop = nn.Dropout(dropout)  # its rate, read by the attention call below
         self.ln1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -108,7 +118,7 @@ class CausalBlock(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(  # (B, H, L, d/H)
-            q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0
+            q, k, v, is_causal=True, dropout_p=self.attn_drop.p if self.training else 0.0
         )
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
         return x + self.drop(self.mlp(self.ln2(x)))
@@ -361,7 +371,9 @@ class SASRec(LearnedStage):
         return SASRecModel(ctx.dataset.n_items, self._window(ctx), self.config)
 
     def train_model(self, model: SASRecModel, ctx: FitContext) -> dict:
-        return train_sasrec(model, ctx, self.config, self._window(ctx), "sasrec")
+        cfg = self.config
+        return search_dropout(model, (cfg.dropout, *cfg.dropout_search), lambda p: train_sasrec(
+            model, ctx, cfg, self._window(ctx), "sasrec" + (f", dropout {p}" if p is not None else "")))
 
     def prepare_serving(self, model: SASRecModel, ctx: FitContext) -> None:
         self.exclude_seen_ = ctx.exclude_seen

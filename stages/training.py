@@ -96,6 +96,56 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def check_dropout_search(dropout: float, search: Any, where: str) -> tuple[float, ...]:
+    """A config's `dropout_search` as a tuple of distinct rates in [0, 1), none equal to its
+    `dropout`; else a ValueError naming `where`."""
+    if not isinstance(search, (tuple, list)):
+        raise ValueError(f"{where}.dropout_search must be a list of dropout rates, got {search!r}")
+    for p in search:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"{where}.dropout_search values must be in [0, 1), got {p!r}")
+    if len(set(search)) != len(search) or dropout in search:
+        raise ValueError(f"{where}.dropout_search repeats a rate (or dropout = {dropout}): {list(search)}")
+    return tuple(search)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout layer of `model` to rate `p` (a model whose dropout lives in `nn.Dropout`
+    modules alone, attention dropout included)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+DROPOUT_REPORT_TIMES = ("seconds",)
+
+
+def search_dropout(
+    model: nn.Module, rates: tuple[float, ...], run: Callable[[float | None], dict],
+    times: tuple[str, ...] = DROPOUT_REPORT_TIMES,
+) -> dict:
+    """Train `model` with `run(rate)` once per dropout rate, each from the same initial weights,
+    and keep the rate whose run validates best (`best_valid`; a tie keeps the earlier) with its
+    weights. One rate: `run(None)`, the model as built. The report is the kept run's, with its
+    `times` keys summed over every rate, `dropout` the rate kept and `search` each rate tried."""
+    if len(rates) == 1:
+        return run(None)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tried, best = [], None
+    for p in rates:
+        model.load_state_dict(start)
+        set_dropout(model, p)
+        report = run(p)
+        tried.append({"dropout": p, "best_valid": report["best_valid"], "epochs_run": report["epochs_run"],
+                      **{k: report[k] for k in times}})
+        if best is None or report["best_valid"] > best[1]["best_valid"]:
+            best = (p, report, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    p, report, state = best
+    model.load_state_dict(state)
+    set_dropout(model, p)
+    return {**report, **{k: sum(t[k] for t in tried) for k in times}, "dropout": p, "search": tried}
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -28,7 +28,7 @@ from cascade.util.ranking import hit_rate, ranks_from_scores
 sys.path.insert(0, str(Path(__file__).parent))
 from funnel_toys import planted_dataset  # noqa: E402
 
-FAST = SASRecConfig(dim=32, n_heads=2, dropout=0.1,
+FAST = SASRecConfig(dim=32, n_heads=2, dropout=0.1, dropout_search=(),
                     train=TrainConfig(epochs=15, batch_size=32, lr=5e-3, patience=3))
 
 
@@ -136,6 +136,24 @@ def test_training_uses_training_events_only(prepared):
     assert sum(int(n) for n in wins.lengths) == int(same.sum())  # every pair exactly once
     held_out = pl.concat([prepared.split.valid, prepared.split.test])
     assert train.join(held_out, on=["user", "pos"], how="inner").height == 0
+
+
+def test_dropout_search_keeps_the_best_validating_rate_with_its_weights(prepared):
+    """Each rate trains from the same initial weights; the best-validating one is kept, its
+    weights and its rate (attention dropout included), so the fit equals a fit at that rate."""
+    cfg = dataclasses.replace(FAST, dropout=0.0, dropout_search=(0.7,),
+                              train=dataclasses.replace(FAST.train, epochs=3))
+    searched = SASRec(cfg).fit(prepared.ctx)
+    report = searched.fit_report_
+    tried = {t["dropout"]: t["best_valid"] for t in report["search"]}
+    assert list(tried) == [0.0, 0.7] and report["dropout"] == max(tried, key=tried.get)
+    assert tried[0.0] != tried[0.7]
+    model = searched.fitted_model()
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {report["dropout"]}
+    alone = SASRec(dataclasses.replace(cfg, dropout=report["dropout"], dropout_search=())).fit(prepared.ctx)
+    assert "search" not in alone.fit_report_
+    for name, w in model.state_dict().items():
+        assert torch.equal(w, alone.fitted_model().state_dict()[name]), name
 
 
 def test_a_seed_fixes_the_trained_model(prepared, fitted):

@@ -79,7 +79,7 @@ from cascade.stages.learned import LearnedStage
 from cascade.stages.dcn import CrossNetwork
 from cascade.stages.lsr_config import LSRConfig
 from cascade.stages.lsr_validation import generative_ndcg, newest_output, next_keys, rerank_ndcg
-from cascade.stages.training import fit_model, sampled_mrr, search_dropout
+from cascade.stages.training import fit_model, sampled_mrr, search_settings, set_dropout
 
 
 class LSRModel(ServingCache):
@@ -93,6 +93,10 @@ class LSRModel(ServingCache):
         # absolute positions; a candidate sits at position hist_len, right after the history, so
         # attention can tell how recent each history event is relative to the candidate
         self.position = nn.Embedding(self.width + 1, d)
+        # item tokens' scale and the history tokens' dropout (`LSRConfig.token_scale`): a buffer,
+        # so a checkpoint keeps the scale the pretraining search chose
+        self.register_buffer("token_scale", torch.tensor(float(cfg.token_scale)))
+        self.token_drop = nn.Dropout(cfg.token_dropout)
         self.cand_marker = nn.Parameter(torch.zeros(d))
         self.user_feats = UserFeatureEmbedder(ds.users, d)
         # a user-id embedding carries what the user did before the history window; zero-
@@ -129,13 +133,22 @@ class LSRModel(ServingCache):
     def history_tokens(self, batch: RequestBatch) -> Tensor:
         """(B, N, D) history tokens, 0 at padding (positions are absolute: see docstring)."""
         gaps = torch.zeros_like(batch.hist_gaps)  # code 0 embeds to zero
-        x = self.history.embed(batch.hist_items, batch.hist_actions, gaps, batch.hist_len)
+        x = self.token_drop(self.history.embed(batch.hist_items, batch.hist_actions, gaps, batch.hist_len)
+                            * self.token_scale)
         n = x.shape[1]
         return x + self.position.weight[:n] * batch.hist_mask[..., None].to(x.dtype)
 
     def candidate_tokens(self, item: Tensor, hist_len: Tensor) -> Tensor:
-        """(B, n, D) item embeddings -> candidate tokens: + marker + the position hist_len."""
-        return item + self.cand_marker + self.position(hist_len)[:, None, :]
+        """(B, n, D) item embeddings -> candidate tokens: scaled as history tokens, + marker +
+        the position hist_len."""
+        return item * self.token_scale + self.cand_marker + self.position(hist_len)[:, None, :]
+
+    def set_tokens(self, *, dropout: float, token_scale: float, token_dropout: float) -> None:
+        """A pretraining setting: every dropout rate to `dropout`, then the token scale and the
+        history tokens' dropout."""
+        set_dropout(self, dropout)
+        self.token_drop.p = token_dropout
+        self.token_scale.fill_(token_scale)
 
     def encode(self, batch: RequestBatch) -> "Encoded":
         """History through the encoder once; what scoring any candidates needs."""
@@ -354,11 +367,14 @@ class LateStageRanker(LearnedStage):
 
         first = None
         if cfg.pretrain is not None and cfg.next_item_weight > 0:
-            # the pretraining phase once per rate of `dropout_rates`, the best-validating kept
-            first = search_dropout(model, cfg.dropout_rates(), lambda p: fit_model(
+            # the pretraining phase once per setting (dropout rate, token scale and dropout), the
+            # best-validating kept with its weights
+            first = search_settings(model, cfg.pretrain_settings(), lambda s: model.set_tokens(**s),
+                                    lambda s: fit_model(
                 model, next_item_only,
                 lambda: generative_ndcg(model, valid, ctx.exclude_seen, ctx.device),
-                ctx, cfg.pretrain, desc="lsr next-item" + (f", dropout {p}" if p is not None else ""),
+                ctx, cfg.pretrain, desc="lsr next-item" + (
+                    ", " + ", ".join(f"{k} {v:g}" for k, v in s.items()) if s else ""),
                 train=windows,
             ), times=("seconds", "train_step_s", "optimizer_s"))
         report = fit_model(model, loss_fn, valid_fn, ctx, cfg.train, desc="lsr", train=windows,

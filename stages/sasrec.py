@@ -39,7 +39,7 @@ from cascade.stages.base import Candidates, FitContext, StageError, register
 from cascade.stages.features import catalogue_valid_requests
 from cascade.stages.learned import LearnedStage
 from cascade.stages.retrieval import build_index, index_search, search_with_exclusion, validate_index_spec
-from cascade.stages.training import TrainConfig, check_dropout_search, search_dropout, seed_everything
+from cascade.stages.training import TrainConfig, check_dropout_search, search_settings, seed_everything, set_dropout
 from cascade.util.progress import Progress
 from cascade.util.ranking import ndcg, ranks_from_scores
 
@@ -53,7 +53,7 @@ class SASRecConfig:
     n_heads: int = 2
     dropout: float = 0.3
     # other rates tried beside `dropout`, chosen by validation on the user's own log
-    # (`stages.training.search_dropout`): training runs once per rate from the same initial
+    # (`stages.training.search_settings`): training runs once per rate from the same initial
     # weights and the best-validating rate is kept with its weights, at twice the fit time. The
     # best rate follows the log's density: Amazon Toys (5.6 training events per user), all test
     # requests, HR@10 / NDCG@10 0.0782 / 0.0496 at 0.3 and 0.0832 / 0.0520 at 0.5 (SASRec's
@@ -372,8 +372,11 @@ class SASRec(LearnedStage):
 
     def train_model(self, model: SASRecModel, ctx: FitContext) -> dict:
         cfg = self.config
-        return search_dropout(model, (cfg.dropout, *cfg.dropout_search), lambda p: train_sasrec(
-            model, ctx, cfg, self._window(ctx), "sasrec" + (f", dropout {p}" if p is not None else "")))
+        return search_settings(
+            model, [{"dropout": p} for p in (cfg.dropout, *cfg.dropout_search)],
+            lambda s: set_dropout(model, s["dropout"]),
+            lambda s: train_sasrec(model, ctx, cfg, self._window(ctx),
+                                   "sasrec" + (f", dropout {s['dropout']}" if s else "")))
 
     def prepare_serving(self, model: SASRecModel, ctx: FitContext) -> None:
         self.exclude_seen_ = ctx.exclude_seen

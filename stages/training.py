@@ -117,33 +117,31 @@ def set_dropout(model: nn.Module, p: float) -> None:
             m.p = p
 
 
-DROPOUT_REPORT_TIMES = ("seconds",)
-
-
-def search_dropout(
-    model: nn.Module, rates: tuple[float, ...], run: Callable[[float | None], dict],
-    times: tuple[str, ...] = DROPOUT_REPORT_TIMES,
+def search_settings(
+    model: nn.Module, settings: list[dict], apply: Callable[[dict], None],
+    run: Callable[[dict | None], dict], times: tuple[str, ...] = ("seconds",),
 ) -> dict:
-    """Train `model` with `run(rate)` once per dropout rate, each from the same initial weights,
-    and keep the rate whose run validates best (`best_valid`; a tie keeps the earlier) with its
-    weights. One rate: `run(None)`, the model as built. The report is the kept run's, with its
-    `times` keys summed over every rate, `dropout` the rate kept and `search` each rate tried."""
-    if len(rates) == 1:
+    """Train `model` with `run(setting)` once per setting (e.g. `{"dropout": 0.5}`), each from
+    the same initial weights after `apply(setting)`, and keep the setting whose run validates
+    best (`best_valid`; a tie keeps the earlier) with its weights. One setting: `run(None)`, the
+    model as built. The report is the kept run's plus its setting's keys, with its `times` keys
+    summed over every setting and `search` listing each setting tried."""
+    if len(settings) == 1:
         return run(None)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tried, best = [], None
-    for p in rates:
+    for setting in settings:
         model.load_state_dict(start)
-        set_dropout(model, p)
-        report = run(p)
-        tried.append({"dropout": p, "best_valid": report["best_valid"], "epochs_run": report["epochs_run"],
+        apply(setting)
+        report = run(setting)
+        tried.append({**setting, "best_valid": report["best_valid"], "epochs_run": report["epochs_run"],
                       **{k: report[k] for k in times}})
         if best is None or report["best_valid"] > best[1]["best_valid"]:
-            best = (p, report, {k: v.detach().clone() for k, v in model.state_dict().items()})
-    p, report, state = best
+            best = (setting, report, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    setting, report, state = best
     model.load_state_dict(state)
-    set_dropout(model, p)
-    return {**report, **{k: sum(t[k] for t in tried) for k in times}, "dropout": p, "search": tried}
+    apply(setting)
+    return {**report, **{k: sum(t[k] for t in tried) for k in times}, **setting, "search": tried}
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -803,7 +803,7 @@ def test_lsr_dropout_search_keeps_the_best_validating_rate_deterministically(ctx
     """Each rate is pretrained from the same initial weights; the best-validating one is kept
     with its weights, so the fit equals a fit at that rate alone, and repeats under a seed."""
     short = TrainConfig(epochs=2, batch_size=64, lr=3e-3, max_steps_per_epoch=4)
-    cfg = replace(LSR, dropout=0.9, dropout_search=(0.0, 0.8), pretrain=short,
+    cfg = replace(LSR, dropout=0.9, dropout_search=(0.0, 0.8), token_search=(), pretrain=short,
                   train=replace(LSR.train, epochs=1, max_steps_per_epoch=2))
     assert cfg.dropout_rates() == (0.9, 0.0, 0.8)
     fresh = replace(ctx, cache_dir=None)
@@ -818,10 +818,37 @@ def test_lsr_dropout_search_keeps_the_best_validating_rate_deterministically(ctx
     assert timeless(b.fit_report_["pretrain"]["search"]) == timeless(pre["search"])
     alone = LateStageRanker(replace(cfg, dropout=pre["dropout"], dropout_search=())).fit(fresh)
     assert "search" not in alone.fit_report_["pretrain"]
-    assert {m.p for m in a.model_.modules() if isinstance(m, torch.nn.Dropout)} == {pre["dropout"]}
+    assert {m.p for m in a.model_.modules() if isinstance(m, torch.nn.Dropout) and m is not a.model_.token_drop
+            } == {pre["dropout"]}
     for name, w in a.model_.state_dict().items():
         assert torch.equal(w, b.model_.state_dict()[name]), name
         assert torch.equal(w, alone.model_.state_dict()[name]), name
+
+
+def test_lsr_token_search_keeps_the_best_pair_and_its_scale_survives_the_checkpoint(ctx, batch, tmp_path):
+    """The pretraining phase tries each (token_scale, token_dropout) pair from the same initial
+    weights and keeps the best-validating one; the kept scale is part of the model's state, so a
+    checkpoint loaded from the cache scores exactly as the fitted stage."""
+    short = TrainConfig(epochs=2, batch_size=64, lr=3e-3, max_steps_per_epoch=4)
+    cfg = replace(LSR, token_search=((20.0, 0.5), (4.0, 0.0)), pretrain=short,
+                  train=replace(LSR.train, epochs=1, max_steps_per_epoch=2))
+    assert [(t["token_scale"], t["token_dropout"]) for t in cfg.pretrain_settings()] == [
+        (1.0, 0.0), (20.0, 0.5), (4.0, 0.0)]
+    where = replace(ctx, cache_dir=tmp_path)
+    fitted = LateStageRanker(cfg).fit(where)
+    pre = fitted.fit_report_["pretrain"]
+    tried = {t["token_scale"]: t["best_valid"] for t in pre["search"]}
+    assert list(tried) == [1.0, 20.0, 4.0] and pre["token_scale"] == max(tried, key=tried.get)
+    assert len(set(tried.values())) == 3  # the pairs train different models
+    model = fitted.model_
+    assert float(model.token_scale) == pre["token_scale"]
+    assert float(model.state_dict()["token_scale"]) == pre["token_scale"]  # saved with the weights
+    assert model.token_drop.p == pre["token_dropout"]
+    loaded = LateStageRanker(cfg).fit(where)
+    assert loaded.fit_report_["cached"] is True
+    assert float(loaded.model_.token_scale) == pre["token_scale"]
+    cand = torch.arange(12).expand(len(batch), -1)
+    torch.testing.assert_close(loaded.score(batch, cand), fitted.score(batch, cand), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -832,6 +859,10 @@ def test_lsr_dropout_search_keeps_the_best_validating_rate_deterministically(ctx
     ({"dropout_search": 0.5}, "a list of dropout rates"),
     ({"dropout_search": (0.5,), "pretrain": None}, "needs pretrain"),
     ({"dropout_search": (0.5,), "next_item_weight": 0.0}, "needs pretrain"),
+    ({"token_search": ((0.0, 0.1),)}, "token_scale must be a number > 0"),
+    ({"token_search": ((2.0, 1.0),)}, r"token_dropout must be in \[0, 1\)"),
+    ({"token_search": ((1.0, 0.0),)}, "repeats a pair"),
+    ({"token_search": (3.0,)}, "pairs"),
 ])
 def test_lsr_dropout_search_refuses_bad_rates(change, message):
     with pytest.raises(ValueError, match=message):

@@ -34,8 +34,8 @@ class LSRConfig:
     dropout_search: tuple[float, ...] = ()
     # history (and candidate) item tokens: the item embedding, which starts at std 0.05, times
     # `token_scale`, and on the history `token_dropout` (SASRec's embedding dropout). At scale 1
-    # the residual stream is the attention's output and carries little of the newest item's own
-    # identity; at scale 20 (unit std, SASRec's scaled embeddings) it carries it
+    # the tokens are small beside the layers' outputs in the residual stream; at scale 20 they
+    # have unit std, as SASRec's scaled embeddings do
     token_scale: float = 1.0
     token_dropout: float = 0.0
     # (token_scale, token_dropout) pairs tried beside the pair above, chosen by validation in

@@ -16,9 +16,10 @@ sampled softmax over `n_negatives` items drawn in proportion to popularity^0.75 
 correction (Bengio & Senecal; Yi et al., RecSys 2019) and accidental hits removed.
 
 Early stopping is on full-catalogue NDCG@10 of the validation requests (seen items excluded as
-the run excludes them), checked every epoch, within `time_budget_s`. It serves as every kind of
-stage: retrieval (a FAISS index over the item embeddings, `index` a factory string), ESR and LSR
-(`score`, `score_all`).
+the run excludes them), checked every epoch, within `time_budget_s`. The dropout rate is chosen
+the same way: training runs once per rate of `dropout` and `dropout_search`, and the
+best-validating run is kept. It serves as every kind of stage: retrieval (a FAISS index over
+the item embeddings, `index` a factory string), ESR and LSR (`score`, `score_all`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from cascade.stages.base import Candidates, FitContext, StageError, register
 from cascade.stages.features import catalogue_valid_requests
 from cascade.stages.learned import LearnedStage
 from cascade.stages.retrieval import build_index, index_search, search_with_exclusion, validate_index_spec
-from cascade.stages.training import TrainConfig, check_dropout_search, search_settings, seed_everything, set_dropout
+from cascade.stages.training import (
+    TrainConfig, check_dropout_search, search_settings, seed_everything, set_dropout,
+)
 from cascade.util.progress import Progress
 from cascade.util.ranking import ndcg, ranks_from_scores
 

@@ -11,8 +11,9 @@ next-item head and DCN-v2 feature crossing. The heaviest model of the funnel.
   a learned marker + the position right after the history (hist_len), so attention can tell how
   recent each history event is relative to the candidate. Time gaps are left out [ours]: they
   are relative to the request time, which differs for every prefix of a training window (below),
-  so using them would make training and serving disagree. Item embeddings enter the tokens
-  times `token_scale`, and history tokens go through `token_dropout`; the pretraining phase
+  so using them would make training and serving disagree. History tokens (item + action) and
+  candidates' item embeddings are multiplied by `token_scale`, and history tokens go through
+  `token_dropout`; the pretraining phase
   chooses the pair by validation (`LSRConfig.token_search`; unit-scale tokens with dropout won
   on the sparse Toys file, the unscaled ones on ml-100k).
 - Crossing part (DCN-v2, Wang et al., WWW 2021): x0 = [user (features + id embedding) ;

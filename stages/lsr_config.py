@@ -32,14 +32,15 @@ class LSRConfig:
     # next (2-thread training is not bitwise repeatable): on Toys the choice followed the noise,
     # and the run that picked 0.5 lost 0.0065 HR@10 on the test requests (LSR alone)
     dropout_search: tuple[float, ...] = ()
-    # history (and candidate) item tokens: the item embedding, which starts at std 0.05, times
-    # `token_scale`, and on the history `token_dropout` (SASRec's embedding dropout). At scale 1
-    # the tokens are small beside the layers' outputs in the residual stream; at scale 20 they
-    # have unit std, as SASRec's scaled embeddings do
+    # history tokens (item and action embeddings, which start at std 0.05) and candidates' item
+    # embeddings times `token_scale`; history tokens then through `token_dropout` (SASRec's
+    # embedding dropout). At scale 1 the tokens are small beside the layers' outputs in the
+    # residual stream; at scale 20 they have unit std, as SASRec's scaled embeddings do
     token_scale: float = 1.0
     token_dropout: float = 0.0
     # (token_scale, token_dropout) pairs tried beside the pair above, chosen by validation in
-    # the pretraining phase as `dropout_search` is (one more pretraining each). The best pair
+    # the pretraining phase as `dropout_search` is (one more pretraining per pair and dropout
+    # rate; a pair equal to the configured one is dropped from the search). The best pair
     # follows the log's density. Amazon Toys (5.6 training events per user), all test requests,
     # the LSR alone: 1 / 0 HR@10 / NDCG@10 0.0710 / 0.0444, 20 / 0 0.0788 / 0.0503, 20 / 0.3
     # 0.0847 / 0.0533, 20 / 0.5 0.0900 / 0.0565 (validation NDCG@10 0.064 -> 0.072), 20 / 0.7
@@ -139,16 +140,20 @@ class LSRConfig:
                 isinstance(t, (tuple, list)) and len(t) == 2 for t in pairs):
             raise ValueError("LSRConfig.token_search must be a list of [token_scale, token_dropout] "
                              f"pairs, got {pairs!r}")
-        pairs = tuple(tuple(t) for t in pairs)
-        object.__setattr__(self, "token_search", pairs)
-        for scale, rate in ((self.token_scale, self.token_dropout), *pairs):
+        named = [("LSRConfig.token_scale", "LSRConfig.token_dropout", (self.token_scale, self.token_dropout))]
+        named += [(f"LSRConfig.token_search[{i}] scale", f"LSRConfig.token_search[{i}] dropout", tuple(t))
+                  for i, t in enumerate(pairs)]
+        for scale_name, rate_name, (scale, rate) in named:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-                raise ValueError(f"LSRConfig token_scale must be a number > 0, got {scale!r}")
+                raise ValueError(f"{scale_name} must be a number > 0, got {scale!r}")
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-                raise ValueError(f"LSRConfig token_dropout must be in [0, 1), got {rate!r}")
-        if len(set(pairs)) != len(pairs) or (self.token_scale, self.token_dropout) in pairs:
-            raise ValueError(f"LSRConfig.token_search repeats a pair (or token_scale, token_dropout = "
-                             f"{self.token_scale}, {self.token_dropout}): {[list(t) for t in pairs]}")
+                raise ValueError(f"{rate_name} must be in [0, 1), got {rate!r}")
+        pairs = tuple((float(a), float(b)) for a, b in pairs)
+        if len(set(pairs)) != len(pairs):
+            raise ValueError(f"LSRConfig.token_search repeats a pair: {[list(t) for t in pairs]}")
+        # the configured pair is tried first anyway: a default search that holds it adds nothing
+        own = (float(self.token_scale), float(self.token_dropout))
+        object.__setattr__(self, "token_search", tuple(t for t in pairs if t != own))
         if self.next_item_weight < 0 or self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
             raise ValueError("LSRConfig.next_item_weight, in_batch_negatives and "
                              "n_uniform_negatives must be >= 0")

@@ -71,7 +71,7 @@ class SASRecConfig:
     full_softmax_items: int = 16384
     n_negatives: int = 512  # sampled softmax: negatives shared by a batch
     valid_requests: int = 2000  # early stopping on at most this many validation requests
-    time_budget_s: float | None = None  # stop training after this many seconds
+    time_budget_s: float | None = None  # seconds per training run (one run per dropout rate)
     index: str = "Flat"  # retrieval: faiss.index_factory string
     nprobe: int = 16  # IVF indexes: lists probed per query
     ef_search: int = 128  # HNSW indexes: search breadth

@@ -97,16 +97,17 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def check_dropout_search(dropout: float, search: Any, where: str) -> tuple[float, ...]:
-    """A config's `dropout_search` as a tuple of distinct rates in [0, 1), none equal to its
-    `dropout`; else a ValueError naming `where`."""
+    """A config's `dropout_search` as a tuple of distinct rates in [0, 1), without its
+    `dropout` (already tried first: a default search that holds the rate a user set searches
+    nothing more); else a ValueError naming `where`."""
     if not isinstance(search, (tuple, list)):
         raise ValueError(f"{where}.dropout_search must be a list of dropout rates, got {search!r}")
     for p in search:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"{where}.dropout_search values must be in [0, 1), got {p!r}")
-    if len(set(search)) != len(search) or dropout in search:
-        raise ValueError(f"{where}.dropout_search repeats a rate (or dropout = {dropout}): {list(search)}")
-    return tuple(search)
+    if len(set(search)) != len(search):
+        raise ValueError(f"{where}.dropout_search repeats a rate: {list(search)}")
+    return tuple(float(p) for p in search if p != dropout)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

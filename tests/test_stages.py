@@ -839,6 +839,7 @@ def test_lsr_token_search_keeps_the_best_pair_and_its_scale_survives_the_checkpo
     pre = fitted.fit_report_["pretrain"]
     tried = {t["token_scale"]: t["best_valid"] for t in pre["search"]}
     assert list(tried) == [1.0, 20.0, 4.0] and pre["token_scale"] == max(tried, key=tried.get)
+    assert pre["token_scale"] != cfg.token_scale  # else the checkpoint check below proves little
     assert len(set(tried.values())) == 3  # the pairs train different models
     model = fitted.model_
     assert float(model.token_scale) == pre["token_scale"]
@@ -854,19 +855,28 @@ def test_lsr_token_search_keeps_the_best_pair_and_its_scale_survives_the_checkpo
 @pytest.mark.parametrize("change, message", [
     ({"dropout_search": (1.0,)}, r"\[0, 1\)"),
     ({"dropout_search": (0.5, 0.5)}, "repeats"),
-    ({"dropout_search": (0.3,)}, "dropout = 0.3"),
     ({"dropout_search": ("x",)}, "'x'"),
     ({"dropout_search": 0.5}, "a list of dropout rates"),
     ({"dropout_search": (0.5,), "pretrain": None}, "needs pretrain"),
     ({"dropout_search": (0.5,), "next_item_weight": 0.0}, "needs pretrain"),
-    ({"token_search": ((0.0, 0.1),)}, "token_scale must be a number > 0"),
-    ({"token_search": ((2.0, 1.0),)}, r"token_dropout must be in \[0, 1\)"),
-    ({"token_search": ((1.0, 0.0),)}, "repeats a pair"),
+    ({"token_search": ((0.0, 0.1),)}, r"token_search\[0\] scale must be a number > 0"),
+    ({"token_search": ((2.0, 0.2), (2.0, 1.0))}, r"token_search\[1\] dropout must be in \[0, 1\)"),
+    ({"token_scale": -1.0}, "LSRConfig.token_scale must be a number > 0"),
+    ({"token_search": ((2.0, 0.5), (2, 0.5))}, "repeats a pair"),
     ({"token_search": (3.0,)}, "pairs"),
 ])
 def test_lsr_dropout_search_refuses_bad_rates(change, message):
     with pytest.raises(ValueError, match=message):
         LSRConfig(**change)
+
+
+def test_a_search_drops_the_configured_setting_it_would_repeat():
+    """A user who sets the value a default search holds gets no second run of it, not an
+    error."""
+    cfg = LSRConfig(token_scale=20, token_dropout=0.5, dropout_search=(0.3, 0.5), dropout=0.5)
+    assert cfg.token_search == () and cfg.dropout_search == (0.3,)
+    assert [(t["dropout"], t["token_scale"]) for t in cfg.pretrain_settings()] == [(0.5, 20.0), (0.3, 20.0)]
+    assert LSRConfig(token_search=[[20, 0.5]]) == LSRConfig()  # the same config, the same cache key
 
 
 def test_lsr_pretraining_trains_the_generative_head_and_early_stops_on_its_ndcg(ctx, test_traffic):

@@ -818,7 +818,8 @@ def test_lsr_dropout_search_keeps_the_best_validating_rate_deterministically(ctx
     assert timeless(b.fit_report_["pretrain"]["search"]) == timeless(pre["search"])
     alone = LateStageRanker(replace(cfg, dropout=pre["dropout"], dropout_search=())).fit(fresh)
     assert "search" not in alone.fit_report_["pretrain"]
-    layers = [m for m in a.model_.modules() if isinstance(m, torch.nn.Dropout) and m is not a.model_.token_drop]
+    layers = [m for m in a.model_.modules()
+              if isinstance(m, torch.nn.Dropout) and m is not a.model_.token_drop]
     assert {m.p for m in layers} == {pre["dropout"]}
     for name, w in a.model_.state_dict().items():
         assert torch.equal(w, b.model_.state_dict()[name]), name

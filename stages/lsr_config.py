@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cascade.stages.quantize import check_mode
-from cascade.stages.training import TrainConfig, check_dropout_search
+from cascade.stages.training import TrainConfig, check_dropout_search, check_rate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,19 +140,14 @@ class LSRConfig:
                 isinstance(t, (tuple, list)) and len(t) == 2 for t in pairs):
             raise ValueError("LSRConfig.token_search must be a list of [token_scale, token_dropout] "
                              f"pairs, got {pairs!r}")
-        named = [("LSRConfig.token_scale", "LSRConfig.token_dropout", (self.token_scale, self.token_dropout))]
-        named += [(f"LSRConfig.token_search[{i}] scale", f"LSRConfig.token_search[{i}] dropout", tuple(t))
-                  for i, t in enumerate(pairs)]
-        for scale_name, rate_name, (scale, rate) in named:
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-                raise ValueError(f"{scale_name} must be a number > 0, got {scale!r}")
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-                raise ValueError(f"{rate_name} must be in [0, 1), got {rate!r}")
-        pairs = tuple((float(a), float(b)) for a, b in pairs)
+        own = (_scale(self.token_scale, "LSRConfig.token_scale"),
+               check_rate(self.token_dropout, "LSRConfig.token_dropout"))
+        pairs = tuple((_scale(a, f"LSRConfig.token_search[{i}] scale"),
+                       check_rate(b, f"LSRConfig.token_search[{i}] dropout"))
+                      for i, (a, b) in enumerate(pairs))
         if len(set(pairs)) != len(pairs):
             raise ValueError(f"LSRConfig.token_search repeats a pair: {[list(t) for t in pairs]}")
         # the configured pair is tried first anyway: a default search that holds it adds nothing
-        own = (float(self.token_scale), float(self.token_dropout))
         object.__setattr__(self, "token_search", tuple(t for t in pairs if t != own))
         if self.next_item_weight < 0 or self.in_batch_negatives < 0 or self.n_uniform_negatives < 0:
             raise ValueError("LSRConfig.next_item_weight, in_batch_negatives and "
@@ -180,3 +175,10 @@ class LSRConfig:
         tokens = ((self.token_scale, self.token_dropout), *self.token_search)
         return [{"dropout": p, "token_scale": float(s), "token_dropout": float(q)}
                 for p in self.dropout_rates() for s, q in tokens]
+
+
+def _scale(value: object, name: str) -> float:
+    """A token scale: a number > 0; else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)

@@ -96,18 +96,23 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def check_rate(value: Any, name: str) -> float:
+    """`value` as a float rate in [0, 1) (a dropout rate); else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_dropout_search(dropout: float, search: Any, where: str) -> tuple[float, ...]:
     """A config's `dropout_search` as a tuple of distinct rates in [0, 1), without its
     `dropout` (already tried first: a default search that holds the rate a user set searches
     nothing more); else a ValueError naming `where`."""
     if not isinstance(search, (tuple, list)):
         raise ValueError(f"{where}.dropout_search must be a list of dropout rates, got {search!r}")
-    for p in search:
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"{where}.dropout_search values must be in [0, 1), got {p!r}")
-    if len(set(search)) != len(search):
+    rates = [check_rate(p, f"{where}.dropout_search values") for p in search]
+    if len(set(rates)) != len(rates):
         raise ValueError(f"{where}.dropout_search repeats a rate: {list(search)}")
-    return tuple(float(p) for p in search if p != dropout)
+    return tuple(p for p in rates if p != dropout)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

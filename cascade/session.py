@@ -38,6 +38,7 @@ from cascade.pipeline import (
 )
 from cascade.stages.base import FitContext, ReportsFit, StageError
 from cascade.util.fsio import clean_stale_temporaries
+from cascade.util.memory import keep_freed_memory
 
 MAX_LEN_FLOOR = 50  # max_len may always be this long, even on logs with shorter histories
 
@@ -103,7 +104,9 @@ def prepare(
 ) -> Prepared:
     """(dataset, split, FitContext, test traffic) for `cfg`; `dataset` skips loading. The
     context's `exclude_seen` is `exclude_seen`, else the config's, else decided from the
-    training log (see `decide_exclude_seen`)."""
+    training log (see `decide_exclude_seen`). Also makes this process keep the memory it frees
+    (`keep_freed_memory`): training and scoring reallocate large score matrices every step."""
+    keep_freed_memory()
     ds = load_data(cfg) if dataset is None else dataset
     check_max_len(cfg.max_len, ds)
     split = make_split(ds, cfg.split)

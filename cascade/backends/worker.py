@@ -31,6 +31,7 @@ from cascade.pipeline import Budgets
 from cascade.replay import ReplayResult, replay
 from cascade.session import Funnel, fit_funnel
 from cascade.stages.base import StageError
+from cascade.util.memory import keep_freed_memory
 
 
 def worker_config(funnel: Funnel) -> RunConfig:
@@ -92,6 +93,7 @@ class ReplayWorker:
     def funnel(self, dataset: Any) -> Funnel:
         if self._funnel is None:
             torch.set_num_threads(self._threads)
+            keep_freed_memory()
             self._funnel = load_funnel(self._cfg, self._resolve(dataset), self._checkpoints)
         return self._funnel
 
